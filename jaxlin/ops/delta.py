@@ -1,0 +1,239 @@
+"""The (gated) delta rule: the D family.
+
+Per head, with state S in R^{K x V}, log-space scalar gate g <= 0, write
+strength beta, removal strength b and removal key p:
+
+    S_t = exp(g_t) (I - b_t k_t p_t^T) S_{t-1} + beta_t k_t v_t^T     o_t = scale * S_t^T q_t
+
+p defaults to k and b to beta. DeltaNet: g = 0. Gated DeltaNet: scalar g.
+Comba: b = beta~/alpha (paper) or p = k * sigmoid(c) with b = beta (fla).
+
+Chunked form (UT transform). Inside a chunk with incoming state S_0, cumulative
+gate b^g_i = sum_{s<=i} g_s and Gamma_i = exp(b^g_i), the state is
+S_i = Gamma_i S_0 + sum_{j<=i} exp(b^g_i - b^g_j) k_j w_j^T, where the written
+rows w solve a unit lower-triangular system
+
+    (I + L) W = diag(beta) V - diag(b Gamma) P S_0,
+    L_ij = b_i exp(b^g_i - b^g_j) (p_i . k_j)   for j < i.
+
+So W = U - W_k S_0 with U = (I+L)^{-1} diag(beta) V and
+W_k = (I+L)^{-1} diag(b Gamma) P (one triangular solve per chunk), and
+
+    O     = (diag(Gamma) Q - A W_k) S_0 + A U,    A_ij = exp(b^g_i - b^g_j) (q_i . k_j), j <= i
+    S_end = (Gamma_C I - K~^T W_k) S_0 + K~^T U,  K~_j = exp(b^g_C - b^g_j) k_j
+
+The chunks are joined by S_{n+1} = M_n S_n + N_n, M_n = Gamma_C I - K~^T W_k
+(a K x K matrix per chunk), the only sequential part.
+
+Legend: B batch, T time, H heads, K key dim, V value dim; chunked tensors are
+[B, H, N, C, D] (N chunks of length C).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxlin.ops import arguments
+from jaxlin.ops import chunking
+from jaxlin.ops.gated import document_resets
+
+f32 = jnp.float32
+
+
+def delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    g: jax.Array | None = None,
+    *,
+    removal_key: jax.Array | None = None,
+    removal: jax.Array | None = None,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    impl: str = "auto",
+) -> tuple[jax.Array, jax.Array | None]:
+  """The gated delta rule over a sequence (see module docstring).
+
+  Args:
+    q, k: [B, T, H, K] queries and keys (the layer L2-normalises keys).
+    v: [B, T, H, V] values.
+    beta: [B, T, H] write strength.
+    g: optional [B, T, H] log-space scalar gate (<= 0).
+    removal_key: optional [B, T, H, K] removal key p (default k).
+    removal: optional [B, T, H] removal strength b (default beta).
+    scale: query scale, default K**-0.5.
+    initial_state: optional [B, H, K, V] state before the first token.
+    segment_ids: optional [B, T] integer ids of packed documents; the state
+      resets wherever the id changes and no token sees another document.
+    output_final_state: return the [B, H, K, V] float32 state after the last token.
+    chunk_size: chunk length of the chunked form, a multiple of 16 in [16, 256].
+    impl: "reference" (token-by-token float32 scan), "xla" (chunked), "pallas"
+      (kernel) or "auto".
+  Returns:
+    (o [B, T, H, V] in v's dtype, final_state or None).
+  """
+  batch, time, heads, key_dim, value_dim = arguments.check_qkv(q, k, v)
+  lead = (batch, time, heads)
+  arguments.check_shape("beta", beta, lead, "[B,T,H]")
+  arguments.check_gate(g, lead, key_dim, allow_vector=False)
+  arguments.check_shape("removal_key", removal_key, q.shape, "[B,T,H,K]")
+  arguments.check_shape("removal", removal, lead, "[B,T,H]")
+  arguments.check_shape("initial_state", initial_state,
+                        (batch, heads, key_dim, value_dim), "[B,H,K,V]")
+  arguments.check_segment_ids(segment_ids, batch, time)
+  arguments.check_chunk_size(chunk_size)
+  impl = arguments.check_impl(impl)
+
+  scale = key_dim ** -0.5 if scale is None else scale
+  cast = lambda x: None if x is None else x.astype(f32)
+  q = q.astype(f32) * scale
+  k, v32, beta, g = cast(k), cast(v), cast(beta), cast(g)
+  p = k if removal_key is None else cast(removal_key)
+  b = beta if removal is None else cast(removal)
+  if initial_state is None:
+    initial_state = jnp.zeros((batch, heads, key_dim, value_dim), f32)
+  initial_state = initial_state.astype(f32)
+
+  if impl == "reference":
+    o, final = _reference(q, k, v32, beta, g, p, b, initial_state, segment_ids)
+  else:
+    o, final = _chunked(q, k, v32, beta, g, p, b, initial_state, segment_ids,
+                        chunking.chunk_length(time, chunk_size))
+  return o.astype(v.dtype), (final if output_final_state else None)
+
+
+def delta_rule_step(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    g: jax.Array | None = None,
+    *,
+    state: jax.Array,
+    removal_key: jax.Array | None = None,
+    removal: jax.Array | None = None,
+    scale: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """One decoding step of `delta_rule`.
+
+  Args:
+    q, k: [B, H, K]; v: [B, H, V]; beta: [B, H]; g: None or [B, H] (<= 0).
+    state: [B, H, K, V] state before this token.
+    removal_key: optional [B, H, K]; removal: optional [B, H]; scale: default K**-0.5.
+  Returns:
+    (o [B, H, V] in v's dtype, new float32 state [B, H, K, V]).
+  """
+  batch, heads, key_dim, value_dim = arguments.check_qkv(q, k, v, step=True)
+  arguments.check_shape("beta", beta, (batch, heads), "[B,H]")
+  arguments.check_gate(g, (batch, heads), key_dim, allow_vector=False)
+  arguments.check_shape("removal_key", removal_key, q.shape, "[B,H,K]")
+  arguments.check_shape("removal", removal, (batch, heads), "[B,H]")
+  arguments.check_shape("state", state, (batch, heads, key_dim, value_dim), "[B,H,K,V]")
+  scale = key_dim ** -0.5 if scale is None else scale
+  cast = lambda x: None if x is None else x.astype(f32)
+  k32 = cast(k)
+  p = k32 if removal_key is None else cast(removal_key)
+  b = cast(beta) if removal is None else cast(removal)
+  o, new_state = _step(q.astype(f32) * scale, k32, cast(v), cast(beta), cast(g),
+                       p, b, state.astype(f32))
+  return o.astype(v.dtype), new_state
+
+
+def _step(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
+          g: jax.Array | None, p: jax.Array, b: jax.Array,
+          state: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Float32 step on [B, H, *] (q already scaled): returns (o, new state)."""
+  read = jnp.einsum("bhk,bhkv->bhv", p, state)                   # p^T S
+  state = state - (b[..., None] * k)[..., :, None] * read[..., None, :]
+  if g is not None:
+    state = state * jnp.exp(g)[..., None, None]
+  state = state + (beta[..., None] * k)[..., :, None] * v[..., None, :]
+  return jnp.einsum("bhk,bhkv->bhv", q, state), state
+
+
+def _reference(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
+               g: jax.Array | None, p: jax.Array, b: jax.Array,
+               initial_state: jax.Array,
+               segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """Token-by-token float32 scan: the ground truth."""
+  resets = document_resets(segment_ids, q.shape[1])
+
+  def body(state, xs):
+    q_t, k_t, v_t, beta_t, g_t, p_t, b_t, reset_t = xs
+    if reset_t is not None:
+      state = jnp.where(reset_t[:, None, None, None], 0.0, state)
+    o_t, state = _step(q_t, k_t, v_t, beta_t, g_t, p_t, b_t, state)
+    return state, o_t
+
+  time_major = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
+  final, o = jax.lax.scan(body, initial_state,
+                          tuple(map(time_major, (q, k, v, beta, g, p, b, resets))))
+  return jnp.moveaxis(o, 0, 1), final
+
+
+def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
+             g: jax.Array | None, p: jax.Array, b: jax.Array,
+             initial_state: jax.Array, segment_ids: jax.Array | None,
+             chunk: int) -> tuple[jax.Array, jax.Array]:
+  """The chunked UT-transform form (see module docstring)."""
+  time, value_dim = q.shape[1], v.shape[-1]
+  qc, kc, vc, pc = (chunking.to_chunks(x, chunk) for x in (q, k, v, p))
+  betac, bc = chunking.to_chunks(beta, chunk), chunking.to_chunks(b, chunk)
+  docs = chunking.document_masks(segment_ids, chunk)
+  same, start, end, carry = ((None,) * 4 if docs is None else
+                             (docs.same, docs.start, docs.end, docs.carry))
+  inclusive = chunking.combine_masks(chunking.causal_mask(chunk, strict=False), same)
+  strict = chunking.combine_masks(chunking.causal_mask(chunk, strict=True), same)
+
+  if g is None:
+    zeros = jnp.zeros(qc.shape[:4], f32)
+    pair_decay = lambda mask: jnp.where(mask, 1.0, 0.0)
+    gamma = zeros + (1.0 if start is None else start)              # Gamma_i
+    k_out = kc if end is None else jnp.where(end[..., None], kc, 0.0)
+    gamma_last = zeros[..., 0] + (1.0 if carry is None else carry)
+  else:
+    cum = jnp.cumsum(chunking.to_chunks(g, chunk), axis=3)        # b^g
+    cum_last = cum[..., -1]
+    pair_decay = lambda mask: chunking.masked_exp(
+        cum[..., :, None] - cum[..., None, :], mask)
+    gamma = chunking.masked_exp(cum, start)
+    k_out = kc * chunking.masked_exp(cum_last[..., None] - cum, end)[..., None]
+    gamma_last = chunking.masked_exp(cum_last, carry)
+
+  lower = (bc[..., None] * jnp.einsum("bhnik,bhnjk->bhnij", pc, kc)
+           * pair_decay(strict))
+  eye = jnp.eye(chunk, dtype=f32)
+  rhs = jnp.concatenate([betac[..., None] * vc, (bc * gamma)[..., None] * pc], -1)
+  solved = jax.lax.linalg.triangular_solve(
+      eye + lower, rhs, left_side=True, lower=True, unit_diagonal=True)
+  u, w_k = solved[..., :value_dim], solved[..., value_dim:]
+
+  scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc) * pair_decay(inclusive)
+  q_in = gamma[..., None] * qc - jnp.einsum("bhnij,bhnjk->bhnik", scores, w_k)
+  transition = (gamma_last[..., None, None] * jnp.eye(q.shape[-1], dtype=f32)
+                - jnp.einsum("bhnck,bhncl->bhnkl", k_out, w_k))
+  updates = jnp.einsum("bhnck,bhncv->bhnkv", k_out, u)
+  states, final = _scan_transitions(transition, updates, initial_state)
+  o = (jnp.einsum("bhnck,bhnkv->bhncv", q_in, states)
+       + jnp.einsum("bhnij,bhnjv->bhniv", scores, u))
+  return chunking.from_chunks(o, time), final
+
+
+def _scan_transitions(transition: jax.Array, update: jax.Array,
+                      initial: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """S_{n+1} = M_n S_n + N_n over chunks; M [B,H,N,K,K], N [B,H,N,K,V].
+
+  Returns (the state before each chunk [B, H, N, K, V], the final state).
+  """
+  def body(state, xs):
+    m, n = xs
+    return jnp.einsum("bhkl,bhlv->bhkv", m, state) + n, state
+
+  final, states = jax.lax.scan(
+      body, initial, (jnp.moveaxis(transition, 2, 0), jnp.moveaxis(update, 2, 0)))
+  return jnp.moveaxis(states, 0, 2), final

@@ -1,0 +1,261 @@
+"""Diagonal-gated linear attention: the G family.
+
+Per head, with state S in R^{K x V} and log-space gate g <= 0:
+
+    S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T          o_t = scale * S_t^T q_t
+
+g is absent (basic linear attention), one scalar per head and token
+(Lightning, Retention, Mamba2/SSD, simple GLA) or one value per key dim (GLA,
+HGRN2, RWKV6). With the RWKV6 `bonus` u in R^{H x K} the output reads the
+previous state plus a boosted current token:
+
+    o_t = scale * (S_{t-1} + Diag(u) k_t v_t^T)^T q_t
+
+Chunked form (chunk length C, cumulative gate b_i = sum_{s<=i} g_s inside a
+chunk, state S_0 entering it, b^q = b, or b - g with a bonus):
+
+    o_i   = (q_i * exp(b^q_i))^T S_0 + sum_{j<=i} (q_i * exp(b^q_i - b_j)) . k_j v_j
+    S_end = Diag(exp(b_C)) S_0 + sum_j (k_j * exp(b_C - b_j)) v_j^T
+
+Every exponent above is <= 0 (b decreases), so nothing overflows. For per-key
+gates the in-chunk scores sum over K inside the exp; they are computed on
+sub-chunks of 16: inside a sub-chunk as a [16, 16, K] tensor, and between
+sub-chunks I > J through the reference point r_J = b at the end of J:
+exp(b^q_i - b_j) = exp(b^q_i - r_J) * exp(r_J - b_j), both factors <= 1.
+
+Legend: B batch, T time, H heads, K key dim, V value dim; chunked tensors are
+[B, H, N, C, D] (N chunks of length C).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxlin.ops import arguments
+from jaxlin.ops import chunking
+
+SUB_CHUNK = 16  # sub-chunk length of the per-key-gate score computation
+f32 = jnp.float32
+
+
+def gated_linear_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array | None = None,
+    *,
+    bonus: jax.Array | None = None,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    impl: str = "auto",
+) -> tuple[jax.Array, jax.Array | None]:
+  """Diagonal-gated linear attention over a sequence (see module docstring).
+
+  Args:
+    q, k: [B, T, H, K] queries and keys.
+    v: [B, T, H, V] values.
+    g: optional log-space gate (<= 0): [B, T, H] scalar or [B, T, H, K] per key.
+    bonus: optional RWKV6 bonus u, [H, K].
+    scale: query scale, default K**-0.5.
+    initial_state: optional [B, H, K, V] state before the first token.
+    segment_ids: optional [B, T] integer ids of packed documents; the state
+      resets wherever the id changes and no token sees another document.
+    output_final_state: return the [B, H, K, V] float32 state after the last token.
+    chunk_size: chunk length of the chunked form, a multiple of 16 in [16, 256].
+    impl: "reference" (token-by-token float32 scan), "xla" (chunked), "pallas"
+      (kernel) or "auto".
+  Returns:
+    (o [B, T, H, V] in v's dtype, final_state or None).
+  """
+  batch, time, heads, key_dim, value_dim = arguments.check_qkv(q, k, v)
+  arguments.check_gate(g, (batch, time, heads), key_dim, allow_vector=True)
+  arguments.check_shape("bonus", bonus, (heads, key_dim), "[H,K]")
+  arguments.check_shape("initial_state", initial_state,
+                        (batch, heads, key_dim, value_dim), "[B,H,K,V]")
+  arguments.check_segment_ids(segment_ids, batch, time)
+  arguments.check_chunk_size(chunk_size)
+  impl = arguments.check_impl(impl)
+
+  scale = key_dim ** -0.5 if scale is None else scale
+  q = q.astype(f32) * scale
+  k, v32 = k.astype(f32), v.astype(f32)
+  g = None if g is None else g.astype(f32)
+  bonus = None if bonus is None else bonus.astype(f32)
+  if initial_state is None:
+    initial_state = jnp.zeros((batch, heads, key_dim, value_dim), f32)
+  initial_state = initial_state.astype(f32)
+
+  if impl == "reference":
+    o, final = _reference(q, k, v32, g, bonus, initial_state, segment_ids)
+  else:
+    o, final = _chunked(q, k, v32, g, bonus, initial_state, segment_ids,
+                        chunking.chunk_length(time, chunk_size))
+  return o.astype(v.dtype), (final if output_final_state else None)
+
+
+def gated_linear_attention_step(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array | None = None,
+    *,
+    state: jax.Array,
+    bonus: jax.Array | None = None,
+    scale: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """One decoding step of `gated_linear_attention`.
+
+  Args:
+    q, k: [B, H, K]; v: [B, H, V]; g: None, [B, H] or [B, H, K] (<= 0).
+    state: [B, H, K, V] state before this token.
+    bonus: optional [H, K]; scale: default K**-0.5.
+  Returns:
+    (o [B, H, V] in v's dtype, new float32 state [B, H, K, V]).
+  """
+  batch, heads, key_dim, value_dim = arguments.check_qkv(q, k, v, step=True)
+  arguments.check_gate(g, (batch, heads), key_dim, allow_vector=True)
+  arguments.check_shape("bonus", bonus, (heads, key_dim), "[H,K]")
+  arguments.check_shape("state", state, (batch, heads, key_dim, value_dim), "[B,H,K,V]")
+  scale = key_dim ** -0.5 if scale is None else scale
+  o, new_state = _step(q.astype(f32) * scale, k.astype(f32), v.astype(f32),
+                       None if g is None else g.astype(f32),
+                       None if bonus is None else bonus.astype(f32),
+                       state.astype(f32))
+  return o.astype(v.dtype), new_state
+
+
+def _step(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
+          bonus: jax.Array | None, state: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Float32 step on [B, H, *] (q already scaled): returns (o, new state)."""
+  if bonus is not None:
+    o = (jnp.einsum("bhk,bhkv->bhv", q, state)
+         + jnp.sum(q * bonus * k, axis=-1)[..., None] * v)
+  if g is not None:
+    state = state * jnp.exp(g)[..., None] if g.ndim == 3 else (
+        state * jnp.exp(g)[..., None, None])
+  state = state + k[..., :, None] * v[..., None, :]
+  if bonus is None:
+    o = jnp.einsum("bhk,bhkv->bhv", q, state)
+  return o, state
+
+
+def document_resets(segment_ids: jax.Array | None, time: int) -> jax.Array | None:
+  """[B, T] bool: token t starts a new document (never token 0)."""
+  if segment_ids is None:
+    return None
+  change = segment_ids[:, 1:] != segment_ids[:, :-1]
+  return jnp.pad(change, [(0, 0), (1, 0)])
+
+
+def _reference(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
+               bonus: jax.Array | None, initial_state: jax.Array,
+               segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """Token-by-token float32 scan: the ground truth."""
+  resets = document_resets(segment_ids, q.shape[1])
+
+  def body(state, xs):
+    q_t, k_t, v_t, g_t, reset_t = xs
+    if reset_t is not None:
+      state = jnp.where(reset_t[:, None, None, None], 0.0, state)
+    o_t, state = _step(q_t, k_t, v_t, g_t, bonus, state)
+    return state, o_t
+
+  time_major = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
+  final, o = jax.lax.scan(body, initial_state,
+                          tuple(map(time_major, (q, k, v, g, resets))))
+  return jnp.moveaxis(o, 0, 1), final
+
+
+def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
+             bonus: jax.Array | None, initial_state: jax.Array,
+             segment_ids: jax.Array | None, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """The chunked form: in-chunk scores in parallel, one scan over chunk states."""
+  time = q.shape[1]
+  qc, kc, vc = (chunking.to_chunks(x, chunk) for x in (q, k, v))
+  docs = chunking.document_masks(segment_ids, chunk)
+  same, start, end, carry = ((None,) * 4 if docs is None else
+                             (docs.same, docs.start, docs.end, docs.carry))
+  strict = bonus is not None
+  in_chunk = chunking.combine_masks(chunking.causal_mask(chunk, strict=strict), same)
+
+  if g is None:
+    scores = jnp.where(in_chunk, jnp.einsum("bhnik,bhnjk->bhnij", qc, kc), 0.0)
+    q_in = qc if start is None else jnp.where(start[..., None], qc, 0.0)
+    k_out = kc if end is None else jnp.where(end[..., None], kc, 0.0)
+    decay = jnp.ones(qc.shape[:3], f32) if carry is None else carry.astype(f32)
+  else:
+    gc = chunking.to_chunks(g, chunk)
+    b = jnp.cumsum(gc, axis=3)
+    b_q = b - gc if strict else b
+    b_last = b[:, :, :, -1]
+    vector = g.ndim == 4
+    if vector:
+      scores = _vector_gate_scores(qc, kc, b_q, b, same, strict)
+      expand = lambda m: None if m is None else m[..., None]
+      q_in = qc * chunking.masked_exp(b_q, expand(start))
+      k_out = kc * chunking.masked_exp(b_last[..., None, :] - b, expand(end))
+      decay = chunking.masked_exp(b_last, expand(carry))
+    else:
+      scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc) * chunking.masked_exp(
+          b_q[..., :, None] - b[..., None, :], in_chunk)
+      q_in = qc * chunking.masked_exp(b_q, start)[..., None]
+      k_out = kc * chunking.masked_exp(b_last[..., None] - b, end)[..., None]
+      decay = chunking.masked_exp(b_last, carry)
+  decay = jnp.broadcast_to(decay, qc.shape[:3] + decay.shape[3:])
+
+  updates = jnp.einsum("bhnck,bhncv->bhnkv", k_out, vc)
+  states, final = chunking.scan_chunk_states(decay, updates, initial_state)
+  o = (jnp.einsum("bhnij,bhnjv->bhniv", scores, vc)
+       + jnp.einsum("bhnck,bhnkv->bhncv", q_in, states))
+  if strict:
+    o = o + jnp.sum(qc * bonus[None, :, None, None, :] * kc, -1)[..., None] * vc
+  return chunking.from_chunks(o, time), final
+
+
+def _vector_gate_scores(q: jax.Array, k: jax.Array, b_q: jax.Array, b: jax.Array,
+                        same: jax.Array | None, strict: bool) -> jax.Array:
+  """In-chunk scores A_ij = sum_k q_ik k_jk exp(b^q_ik - b_jk), masked causal.
+
+  q, k, b_q, b: [B, H, N, C, K]; same: [B, 1, N, C, C] or None.
+  Returns [B, H, N, C, C]. Stable for any gate (see module docstring).
+  """
+  *lead, chunk, key_dim = q.shape
+  sub = min(SUB_CHUNK, chunk)
+  num = chunk // sub
+  split = lambda x: x.reshape(*lead, num, sub, key_dim)       # [.., n, c, K]
+  q, k, b_q, b = map(split, (q, k, b_q, b))
+  same_blocks = None
+  if same is not None:                                          # [.., n, c, n, c]
+    same_blocks = same.reshape(*same.shape[:3], num, sub, num, sub)
+
+  # Diagonal sub-blocks: a [c, c, K] exponent per sub-chunk.
+  diag_mask = chunking.causal_mask(sub, strict=strict)
+  if same_blocks is not None:
+    same_diag = jnp.moveaxis(jnp.diagonal(same_blocks, axis1=3, axis2=5), -1, 3)
+    diag_mask = diag_mask & same_diag
+  expo = chunking.masked_exp(b_q[..., :, None, :] - b[..., None, :, :],
+                             diag_mask[..., None])
+  diag = jnp.sum(q[..., :, None, :] * k[..., None, :, :] * expo, axis=-1)
+
+  # Off-diagonal blocks I > J through r_J, the gate at the end of block J.
+  r = b[..., -1, :]                                             # [.., n, K]
+  k_ref = k * jnp.exp(r[..., None, :] - b)                      # [.., J, c, K]
+  below = chunking.causal_mask(num, strict=True)[:, :, None, None]
+  q_ref = q[..., :, None, :, :] * chunking.masked_exp(          # [.., I, J, c, K]
+      b_q[..., :, None, :, :] - r[..., None, :, None, :], below)
+  blocks = jnp.einsum("...IJik,...Jjk->...IiJj", q_ref, k_ref)  # [.., n, c, n, c]
+  blocks = _place_diagonal(blocks, diag)
+  if same_blocks is not None:
+    blocks = jnp.where(same_blocks, blocks, 0.0)
+  return blocks.reshape(*lead, chunk, chunk)
+
+
+def _place_diagonal(blocks: jax.Array, diag: jax.Array) -> jax.Array:
+  """Adds diag [.., n, c, c] onto the diagonal blocks of blocks [.., n, c, n, c]."""
+  num = diag.shape[-3]
+  eye = jnp.eye(num, dtype=diag.dtype)                          # [I, J]
+  return blocks + jnp.einsum("...Iij,IJ->...IiJj", diag, eye)

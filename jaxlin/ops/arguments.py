@@ -95,9 +95,11 @@ def check_gate(g: jax.Array | None, lead: tuple[int, ...], key_dim: int,
 
 def check_nonpositive(name: str, x: jax.Array) -> None:
   """For concrete arrays, raises if any value is > 0 or NaN (log-space decays)."""
-  if isinstance(x, jax.core.Tracer):
-    return
-  worst = float(jnp.max(jnp.asarray(x, jnp.float32)))
+  try:
+    values = np.asarray(x, np.float32)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return  # traced under jit: the value is not known here
+  worst = float(values.max()) if values.size else 0.0
   if not worst <= 0.0:
     raise ValueError(f"{name}: log-space gates must be <= 0 (decay = exp({name}) "
                      f"<= 1); got max value {worst}")

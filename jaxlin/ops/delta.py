@@ -17,7 +17,7 @@ rows w solve a unit lower-triangular system
     L_ij = b_i exp(b^g_i - b^g_j) (p_i . k_j)   for j < i.
 
 So W = U - W_k S_0 with U = (I+L)^{-1} diag(beta) V and
-W_k = (I+L)^{-1} diag(b Gamma) P (one triangular solve per chunk), and
+W_k = (I+L)^{-1} diag(b Gamma) P (one triangular inverse per chunk), and
 
     O     = (diag(Gamma) Q - A W_k) S_0 + A U,    A_ij = exp(b^g_i - b^g_j) (q_i . k_j), j <= i
     S_end = (Gamma_C I - K~^T W_k) S_0 + K~^T U,  K~_j = exp(b^g_C - b^g_j) k_j
@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from jaxlin.ops import arguments
 from jaxlin.ops import chunking
+from jaxlin.ops import triangular
 from jaxlin.ops.gated import document_resets
 
 f32 = jnp.float32
@@ -181,7 +182,7 @@ def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
              initial_state: jax.Array, segment_ids: jax.Array | None,
              chunk: int) -> tuple[jax.Array, jax.Array]:
   """The chunked UT-transform form (see module docstring)."""
-  time, value_dim = q.shape[1], v.shape[-1]
+  time = q.shape[1]
   qc, kc, vc, pc = (chunking.to_chunks(x, chunk) for x in (q, k, v, p))
   betac, bc = chunking.to_chunks(beta, chunk), chunking.to_chunks(b, chunk)
   docs = chunking.document_masks(segment_ids, chunk)
@@ -205,22 +206,24 @@ def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
     k_out = kc * chunking.masked_exp(cum_last[..., None] - cum, end)[..., None]
     gamma_last = chunking.masked_exp(cum_last, carry)
 
-  lower = (bc[..., None] * jnp.einsum("bhnik,bhnjk->bhnij", pc, kc)
-           * pair_decay(strict))
-  eye = jnp.eye(chunk, dtype=f32)
-  rhs = jnp.concatenate([betac[..., None] * vc, (bc * gamma)[..., None] * pc], -1)
-  solved = jax.lax.linalg.triangular_solve(
-      eye + lower, rhs, left_side=True, lower=True, unit_diagonal=True)
-  u, w_k = solved[..., :value_dim], solved[..., value_dim:]
+  # Products sharing an operand run as one larger matmul (concatenated).
+  qp_k = jnp.einsum("bhnik,bhnjk->bhnij", jnp.concatenate([qc, pc], axis=3), kc)
+  scores = qp_k[..., :chunk, :] * pair_decay(inclusive)          # A
+  lower = bc[..., None] * qp_k[..., chunk:, :] * pair_decay(strict)  # L
+  inverse = triangular.unit_lower_inverse(lower)                  # (I + L)^{-1}
+  value_dim = vc.shape[-1]
+  u_wk = inverse @ jnp.concatenate([betac[..., None] * vc,
+                                    (bc * gamma)[..., None] * pc], axis=-1)
+  u, w_k = u_wk[..., :value_dim], u_wk[..., value_dim:]
 
-  scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc) * pair_decay(inclusive)
-  q_in = gamma[..., None] * qc - jnp.einsum("bhnij,bhnjk->bhnik", scores, w_k)
+  a_u_wk = scores @ u_wk
+  q_in = gamma[..., None] * qc - a_u_wk[..., value_dim:]          # Gamma Q - A W_k
+  kt_u_wk = jnp.einsum("bhnck,bhncx->bhnkx", k_out, u_wk)
+  updates = kt_u_wk[..., :value_dim]                              # K~^T U
   transition = (gamma_last[..., None, None] * jnp.eye(q.shape[-1], dtype=f32)
-                - jnp.einsum("bhnck,bhncl->bhnkl", k_out, w_k))
-  updates = jnp.einsum("bhnck,bhncv->bhnkv", k_out, u)
+                - kt_u_wk[..., value_dim:])                       # Gamma_C I - K~^T W_k
   states, final = _scan_transitions(transition, updates, initial_state)
-  o = (jnp.einsum("bhnck,bhnkv->bhncv", q_in, states)
-       + jnp.einsum("bhnij,bhnjv->bhniv", scores, u))
+  o = jnp.einsum("bhnck,bhnkv->bhncv", q_in, states) + a_u_wk[..., :value_dim]
   return chunking.from_chunks(o, time), final
 
 

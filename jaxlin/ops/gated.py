@@ -18,10 +18,10 @@ chunk, state S_0 entering it, b^q = b, or b - g with a bonus):
     S_end = Diag(exp(b_C)) S_0 + sum_j (k_j * exp(b_C - b_j)) v_j^T
 
 Every exponent above is <= 0 (b decreases), so nothing overflows. For per-key
-gates the in-chunk scores sum over K inside the exp; they are computed on
-sub-chunks of 16: inside a sub-chunk as a [16, 16, K] tensor, and between
-sub-chunks I > J through the reference point r_J = b at the end of J:
-exp(b^q_i - b_j) = exp(b^q_i - r_J) * exp(r_J - b_j), both factors <= 1.
+gates the in-chunk scores sum over K inside the exp and cannot be one matmul
+in general; `_vector_gate_scores` picks, at run time, the cheapest of three
+exact forms that the observed gate span allows (midpoint factorisation over
+the chunk, over 16-token sub-chunks, or a masked [16, 16, K] exponent).
 
 Legend: B batch, T time, H heads, K key dim, V value dim; chunked tensors are
 [B, H, N, C, D] (N chunks of length C).
@@ -29,13 +29,16 @@ Legend: B batch, T time, H heads, K key dim, V value dim; chunked tensors are
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from jaxlin.ops import arguments
 from jaxlin.ops import chunking
 
-SUB_CHUNK = 16  # sub-chunk length of the per-key-gate score computation
+SUB_CHUNK = 16     # sub-chunk length of the per-key-gate score computation
+SAFE_SPAN = 60.0   # largest gate span (log units) a midpoint factorisation takes
 f32 = jnp.float32
 
 
@@ -221,37 +224,98 @@ def _vector_gate_scores(q: jax.Array, k: jax.Array, b_q: jax.Array, b: jax.Array
   """In-chunk scores A_ij = sum_k q_ik k_jk exp(b^q_ik - b_jk), masked causal.
 
   q, k, b_q, b: [B, H, N, C, K]; same: [B, 1, N, C, C] or None.
-  Returns [B, H, N, C, C]. Stable for any gate (see module docstring).
+  Returns [B, H, N, C, C].
+
+  Three exact forms (tiers), chosen at run time by the largest gate span they
+  must cover (b and b^q lie in [b_last, 0] inside a chunk):
+    0. span of every chunk <= SAFE_SPAN: one matmul per chunk through the
+       midpoint m of the span, exp(b^q_i - m) * exp(m - b_j), both factors
+       within e^(+-SAFE_SPAN/2): as cheap as a scalar gate;
+    1. span of every 16-token sub-chunk <= SAFE_SPAN: the same inside each
+       sub-chunk, exact reference-point products between sub-chunks;
+    2. otherwise a [16, 16, K] masked exponent inside each sub-chunk.
   """
   *lead, chunk, key_dim = q.shape
   sub = min(SUB_CHUNK, chunk)
-  num = chunk // sub
-  split = lambda x: x.reshape(*lead, num, sub, key_dim)       # [.., n, c, K]
-  q, k, b_q, b = map(split, (q, k, b_q, b))
-  same_blocks = None
-  if same is not None:                                          # [.., n, c, n, c]
-    same_blocks = same.reshape(*same.shape[:3], num, sub, num, sub)
+  bounds = b.reshape(*lead, chunk // sub, sub, key_dim)[..., -1, :]   # r_J
+  top = jnp.concatenate([jnp.zeros_like(bounds[..., :1, :]), bounds[..., :-1, :]], -2)
+  chunk_span = -jnp.min(b[..., -1, :])
+  sub_span = jnp.max(top - bounds)
+  tier = jnp.where(chunk_span <= SAFE_SPAN, 0, jnp.where(sub_span <= SAFE_SPAN, 1, 2))
+  return _tiered_scores(strict, tier, same, q, k, b_q, b)
 
-  # Diagonal sub-blocks: a [c, c, K] exponent per sub-chunk.
-  diag_mask = chunking.causal_mask(sub, strict=strict)
-  if same_blocks is not None:
-    same_diag = jnp.moveaxis(jnp.diagonal(same_blocks, axis1=3, axis2=5), -1, 3)
-    diag_mask = diag_mask & same_diag
-  expo = chunking.masked_exp(b_q[..., :, None, :] - b[..., None, :, :],
-                             diag_mask[..., None])
-  diag = jnp.sum(q[..., :, None, :] * k[..., None, :, :] * expo, axis=-1)
 
-  # Off-diagonal blocks I > J through r_J, the gate at the end of block J.
-  r = b[..., -1, :]                                             # [.., n, K]
-  k_ref = k * jnp.exp(r[..., None, :] - b)                      # [.., J, c, K]
-  below = chunking.causal_mask(num, strict=True)[:, :, None, None]
-  q_ref = q[..., :, None, :, :] * chunking.masked_exp(          # [.., I, J, c, K]
-      b_q[..., :, None, :, :] - r[..., None, :, None, :], below)
-  blocks = jnp.einsum("...IJik,...Jjk->...IiJj", q_ref, k_ref)  # [.., n, c, n, c]
-  blocks = _place_diagonal(blocks, diag)
-  if same_blocks is not None:
-    blocks = jnp.where(same_blocks, blocks, 0.0)
-  return blocks.reshape(*lead, chunk, chunk)
+def _score_tiers(strict: bool, same: jax.Array | None) -> list:
+  """The three score functions f(q, k, b_q, b) of `_vector_gate_scores`."""
+
+  def whole_chunk(q, k, b_q, b):
+    chunk = q.shape[-2]
+    mask = chunking.combine_masks(chunking.causal_mask(chunk, strict=strict), same)
+    return jnp.where(mask, _midpoint_scores(q, k, b_q, b, 0.0, b[..., -1:, :]), 0.0)
+
+  def by_sub_chunks(q, k, b_q, b, factorized_diagonal: bool):
+    *lead, chunk, key_dim = q.shape
+    sub = min(SUB_CHUNK, chunk)
+    num = chunk // sub
+    split = lambda x: x.reshape(*lead, num, sub, key_dim)       # [.., n, c, K]
+    qs, ks, bqs, bs = map(split, (q, k, b_q, b))
+    bounds = bs[..., -1, :]                                      # r_J: [.., n, K]
+    if factorized_diagonal:
+      top = jnp.concatenate([jnp.zeros_like(bounds[..., :1, :]), bounds[..., :-1, :]], -2)
+      diag = _midpoint_scores(qs, ks, bqs, bs, top[..., None, :], bounds[..., None, :])
+    else:
+      causal = chunking.causal_mask(sub, strict=strict)[..., None]
+      expo = chunking.masked_exp(bqs[..., :, None, :] - bs[..., None, :, :], causal)
+      diag = jnp.sum(qs[..., :, None, :] * ks[..., None, :, :] * expo, axis=-1)
+    # Blocks I > J through r_J, the gate at the end of block J: factors <= 1.
+    k_ref = ks * jnp.exp(bounds[..., None, :] - bs)              # [.., J, c, K]
+    below = chunking.causal_mask(num, strict=True)[:, :, None, None]
+    q_ref = qs[..., :, None, :, :] * chunking.masked_exp(        # [.., I, J, c, K]
+        bqs[..., :, None, :, :] - bounds[..., None, :, None, :], below)
+    blocks = jnp.einsum("...IJik,...Jjk->...IiJj", q_ref, k_ref)
+    blocks = _place_diagonal(blocks, diag).reshape(*lead, chunk, chunk)
+    mask = chunking.combine_masks(chunking.causal_mask(chunk, strict=strict), same)
+    return jnp.where(mask, blocks, 0.0)
+
+  return [whole_chunk,
+          lambda *a: by_sub_chunks(*a, factorized_diagonal=True),
+          lambda *a: by_sub_chunks(*a, factorized_diagonal=False)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tiered_scores(strict: bool, tier: jax.Array, same: jax.Array | None,
+                   q: jax.Array, k: jax.Array, b_q: jax.Array, b: jax.Array) -> jax.Array:
+  """Runs score tier `tier`. A custom VJP, so that the backward pass too runs
+  (and stores) only the chosen tier; autodiff of a `lax.switch` would fill the
+  residuals of every tier."""
+  return jax.lax.switch(tier, _score_tiers(strict, same), q, k, b_q, b)
+
+
+def _tiered_scores_fwd(strict, tier, same, q, k, b_q, b):
+  return _tiered_scores(strict, tier, same, q, k, b_q, b), (tier, same, q, k, b_q, b)
+
+
+def _tiered_scores_bwd(strict, residuals, d_scores):
+  tier, same, *inputs = residuals
+  branches = [lambda d, *xs, f=f: jax.vjp(f, *xs)[1](d)
+              for f in _score_tiers(strict, same)]
+  grads = jax.lax.switch(tier, branches, d_scores, *inputs)
+  return (None, None, *grads)
+
+
+_tiered_scores.defvjp(_tiered_scores_fwd, _tiered_scores_bwd)
+
+
+def _midpoint_scores(q: jax.Array, k: jax.Array, b_q: jax.Array, b: jax.Array,
+                     top: jax.Array | float, bottom: jax.Array) -> jax.Array:
+  """sum_k q_ik k_jk exp(b^q_ik - b_jk) for gates in [bottom, top] (unmasked).
+
+  Factorised through m = (top + bottom) / 2; callers ensure top - bottom <=
+  SAFE_SPAN so that no factor leaves e^(+-SAFE_SPAN/2). Entries above the
+  diagonal are finite garbage for the caller's mask.
+  """
+  mid = 0.5 * (top + bottom)
+  return jnp.einsum("...ik,...jk->...ij", q * jnp.exp(b_q - mid), k * jnp.exp(mid - b))
 
 
 def _place_diagonal(blocks: jax.Array, diag: jax.Array) -> jax.Array:

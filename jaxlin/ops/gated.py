@@ -235,14 +235,21 @@ def _vector_gate_scores(q: jax.Array, k: jax.Array, b_q: jax.Array, b: jax.Array
        sub-chunk, exact reference-point products between sub-chunks;
     2. otherwise a [16, 16, K] masked exponent inside each sub-chunk.
   """
-  *lead, chunk, key_dim = q.shape
+  return _tiered_scores(strict, score_tier(b), same, q, k, b_q, b)
+
+
+def score_tier(b: jax.Array) -> jax.Array:
+  """The score tier (0, 1 or 2) `_vector_gate_scores` uses for cumulative gates b.
+
+  b: [B, H, N, C, K] in-chunk inclusive cumulative log gates.
+  """
+  *lead, chunk, key_dim = b.shape
   sub = min(SUB_CHUNK, chunk)
   bounds = b.reshape(*lead, chunk // sub, sub, key_dim)[..., -1, :]   # r_J
   top = jnp.concatenate([jnp.zeros_like(bounds[..., :1, :]), bounds[..., :-1, :]], -2)
   chunk_span = -jnp.min(b[..., -1, :])
   sub_span = jnp.max(top - bounds)
-  tier = jnp.where(chunk_span <= SAFE_SPAN, 0, jnp.where(sub_span <= SAFE_SPAN, 1, 2))
-  return _tiered_scores(strict, tier, same, q, k, b_q, b)
+  return jnp.where(chunk_span <= SAFE_SPAN, 0, jnp.where(sub_span <= SAFE_SPAN, 1, 2))
 
 
 def _score_tiers(strict: bool, same: jax.Array | None) -> list:

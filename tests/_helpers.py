@@ -398,19 +398,14 @@ def run_steps(family: str, inputs: Inputs, scale: Optional[float] = None) -> tup
 
 
 # ------------------------------------------------------------------------------- comparisons
-def assert_close(
-    actual: Any, expected: Any, *, rtol: float, atol_rel: float, name: str = "", magnitude: Optional[float] = None
-) -> None:
-    """|actual - expected| <= rtol*|expected| + atol_rel*magnitude, elementwise; both finite.
-
-    magnitude defaults to max|expected|.
-    """
+def assert_close(actual: Any, expected: Any, *, rtol: float, atol_rel: float, name: str = "") -> None:
+    """|actual - expected| <= rtol*|expected| + atol_rel*max|expected|, elementwise; both finite."""
     a = np.asarray(actual, np.float64)
     e = np.asarray(expected, np.float64)
     assert a.shape == e.shape, f"{name}: shape {a.shape} != {e.shape}"
     assert np.all(np.isfinite(a)), f"{name}: actual has non-finite values"
     assert np.all(np.isfinite(e)), f"{name}: expected has non-finite values"
-    mag = (float(np.max(np.abs(e))) if e.size else 0.0) if magnitude is None else magnitude
+    mag = float(np.max(np.abs(e))) if e.size else 0.0
     np.testing.assert_allclose(a, e, rtol=rtol, atol=atol_rel * mag + 1e-30, err_msg=name)
 
 
@@ -421,20 +416,11 @@ def assert_all_close(
     rtol: float,
     atol_rel: float,
     ctx: str = "",
-    magnitudes: Optional[dict[str, float]] = None,
 ) -> None:
-    """assert_close for every key of ``expected`` (keys must match); optional per-key magnitudes."""
+    """assert_close for every key of ``expected`` (keys must match)."""
     assert sorted(actual) == sorted(expected), (sorted(actual), sorted(expected))
-    magnitudes = magnitudes or {}
     for n in expected:
-        assert_close(
-            actual[n], expected[n], rtol=rtol, atol_rel=atol_rel, name=f"{ctx} {n}", magnitude=magnitudes.get(n)
-        )
-
-
-def gradient_scale(grads: dict[str, np.ndarray]) -> float:
-    """The natural scale of the loss gradients: max |d loss / d(q, k, v)|."""
-    return max(float(np.max(np.abs(grads[f"grad_{n}"]))) for n in ("q", "k", "v"))
+        assert_close(actual[n], expected[n], rtol=rtol, atol_rel=atol_rel, name=f"{ctx} {n}")
 
 
 def assert_finite(tree: dict[str, np.ndarray], ctx: str = "") -> None:

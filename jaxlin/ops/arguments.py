@@ -115,3 +115,10 @@ def check_segment_ids(segment_ids: jax.Array | None, batch: int, time: int) -> N
     raise ValueError(f"segment_ids: got {_describe(segment_ids)}; expected an "
                      "integer dtype (one id per document; the state resets "
                      "where the id changes)")
+
+
+def state_or_zeros(state: jax.Array | None, shape: Sequence[int]) -> jax.Array:
+  """The float32 state, or zeros of `shape` [B, H, K, V] when None."""
+  if state is None:
+    return jnp.zeros(tuple(shape), jnp.float32)
+  return state.astype(jnp.float32)

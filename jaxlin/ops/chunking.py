@@ -34,21 +34,26 @@ def chunk_length(time: int, chunk_size: int, multiple: int = 16) -> int:
 
 
 def to_chunks(x: jax.Array, chunk: int, pad_value: float = 0.0) -> jax.Array:
-  """[B, T, H, ...] -> [B, H, N, C, ...], padding T up to N*C with `pad_value`."""
+  """[B, T, H, ...] -> [B, H, N, C, ...], padding T up to N*C with `pad_value`.
+
+  The padding goes in FRONT of the sequence: zero keys, values and log gates
+  pass the initial state through unchanged, and the last real token ends the
+  last chunk, so no gap to the chunk end spans padding (see `pair_gaps`).
+  """
   batch, time, heads = x.shape[:3]
   num = -(-time // chunk)
   pad = [(0, 0)] * x.ndim
-  pad[1] = (0, num * chunk - time)
+  pad[1] = (num * chunk - time, 0)
   x = jnp.pad(x, pad, constant_values=pad_value)
   x = x.reshape(batch, num, chunk, heads, *x.shape[3:])
   return jnp.moveaxis(x, 3, 1)
 
 
 def from_chunks(x: jax.Array, time: int) -> jax.Array:
-  """[B, H, N, C, ...] -> [B, T, H, ...], dropping the padding."""
+  """[B, H, N, C, ...] -> [B, T, H, ...], dropping the (front) padding."""
   batch, heads, num, chunk = x.shape[:4]
   x = jnp.moveaxis(x, 1, 3).reshape(batch, num * chunk, heads, *x.shape[4:])
-  return x[:, :time]
+  return x[:, num * chunk - time:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +79,8 @@ def document_masks(segment_ids: jax.Array | None, chunk: int) -> DocumentMasks |
        (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)], axis=1)
   doc = jnp.cumsum(new_doc, axis=1)
   num = -(-time // chunk)
-  # Padding continues the last document, so the final state is unaffected.
-  doc = jnp.pad(doc, [(0, 0), (0, num * chunk - time)], mode="edge")
+  # Front padding belongs to the first document (the initial state's).
+  doc = jnp.pad(doc, [(0, 0), (num * chunk - time, 0)], mode="edge")
   doc = doc.reshape(batch, 1, num, chunk)
   last = doc[..., -1]
   incoming = jnp.concatenate([jnp.zeros_like(last[..., :1]), last[..., :-1]], axis=-1)
@@ -135,3 +140,38 @@ def scan_chunk_states(decay: jax.Array, update: jax.Array,
   xs = (jnp.moveaxis(decay, 2, 0), jnp.moveaxis(update, 2, 0))
   final, states = jax.lax.scan(body, initial, xs)
   return jnp.moveaxis(states, 0, 2), final
+
+
+def exclusive_cumsum(g: jax.Array, axis: int) -> jax.Array:
+  """sum_{s<i} g_s along `axis` (a shift of the inclusive cumsum: exact zeros)."""
+  b = jnp.cumsum(g, axis=axis)
+  first = jnp.zeros_like(jax.lax.slice_in_dim(b, 0, 1, axis=axis))
+  return jnp.concatenate([first, jax.lax.slice_in_dim(b, 0, -1, axis=axis)], axis=axis)
+
+
+def pair_gaps(b_q: jax.Array, b: jax.Array, *, strict: bool,
+              key_axis: bool) -> jax.Array:
+  """b^q_i - b_j for every pair (i, j) of a chunk: [..., C, C] (or [..., C, C, K]).
+
+  The gaps that are zero by construction (i == j for inclusive b^q = b; j ==
+  i - 1 for exclusive b^q, `strict`) are the constant 0 instead of a difference
+  of equal numbers: no gradient passes through them, so the O(1) terms that
+  would cancel in d/dg are never formed and the tiny true gradients of strong
+  gates (g ~ -30) stay accurate.
+
+  b_q, b: [..., C] or, with `key_axis`, [..., C, K].
+  """
+  if key_axis:
+    gaps, chunk = b_q[..., :, None, :] - b[..., None, :, :], b.shape[-2]
+  else:
+    gaps, chunk = b_q[..., :, None] - b[..., None, :], b.shape[-1]
+  offsets = jnp.arange(chunk)[:, None] - jnp.arange(chunk)[None, :]
+  zero = offsets == (1 if strict else 0)
+  return jnp.where(zero[..., None] if key_axis else zero, 0.0, gaps)
+
+
+def gap_to_end(b: jax.Array, *, key_axis: bool) -> jax.Array:
+  """b_last - b_j over a chunk, the last entry the constant 0 (see `pair_gaps`)."""
+  if key_axis:
+    return (b[..., -1:, :] - b).at[..., -1, :].set(0.0)
+  return (b[..., -1:] - b).at[..., -1].set(0.0)

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 
 from jaxlin.ops import arguments
 from jaxlin.ops import chunking
+from jaxlin.ops import reference
 from jaxlin.ops import triangular
-from jaxlin.ops.gated import document_resets
 
 f32 = jnp.float32
 
@@ -96,12 +96,12 @@ def delta_rule(
   k, v32, beta, g = cast(k), cast(v), cast(beta), cast(g)
   p = k if removal_key is None else cast(removal_key)
   b = beta if removal is None else cast(removal)
-  if initial_state is None:
-    initial_state = jnp.zeros((batch, heads, key_dim, value_dim), f32)
-  initial_state = initial_state.astype(f32)
+  initial_state = arguments.state_or_zeros(initial_state, (batch, heads, key_dim, value_dim))
 
   if impl == "reference":
-    o, final = _reference(q, k, v32, beta, g, p, b, initial_state, segment_ids)
+    step = lambda state, *xs: _step(*xs, state)
+    o, final = reference.scan_tokens(step, initial_state, (q, k, v32, beta, g, p, b),
+                                     segment_ids)
   else:
     o, final = _chunked(q, k, v32, beta, g, p, b, initial_state, segment_ids,
                         chunking.chunk_length(time, chunk_size))
@@ -157,26 +157,6 @@ def _step(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
   return jnp.einsum("bhk,bhkv->bhv", q, state), state
 
 
-def _reference(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
-               g: jax.Array | None, p: jax.Array, b: jax.Array,
-               initial_state: jax.Array,
-               segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """Token-by-token float32 scan: the ground truth."""
-  resets = document_resets(segment_ids, q.shape[1])
-
-  def body(state, xs):
-    q_t, k_t, v_t, beta_t, g_t, p_t, b_t, reset_t = xs
-    if reset_t is not None:
-      state = jnp.where(reset_t[:, None, None, None], 0.0, state)
-    o_t, state = _step(q_t, k_t, v_t, beta_t, g_t, p_t, b_t, state)
-    return state, o_t
-
-  time_major = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
-  final, o = jax.lax.scan(body, initial_state,
-                          tuple(map(time_major, (q, k, v, beta, g, p, b, resets))))
-  return jnp.moveaxis(o, 0, 1), final
-
-
 def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
              g: jax.Array | None, p: jax.Array, b: jax.Array,
              initial_state: jax.Array, segment_ids: jax.Array | None,
@@ -200,10 +180,10 @@ def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
   else:
     cum = jnp.cumsum(chunking.to_chunks(g, chunk), axis=3)        # b^g
     cum_last = cum[..., -1]
-    pair_decay = lambda mask: chunking.masked_exp(
-        cum[..., :, None] - cum[..., None, :], mask)
+    gaps = chunking.pair_gaps(cum, cum, strict=False, key_axis=False)
+    pair_decay = lambda mask: chunking.masked_exp(gaps, mask)
     gamma = chunking.masked_exp(cum, start)
-    k_out = kc * chunking.masked_exp(cum_last[..., None] - cum, end)[..., None]
+    k_out = kc * chunking.masked_exp(chunking.gap_to_end(cum, key_axis=False), end)[..., None]
     gamma_last = chunking.masked_exp(cum_last, carry)
 
   # Products sharing an operand run as one larger matmul (concatenated).

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from jaxlin.ops import arguments
 from jaxlin.ops import chunking
+from jaxlin.ops import reference
 
 SUB_CHUNK = 16     # sub-chunk length of the per-key-gate score computation
 SAFE_SPAN = 60.0   # largest gate span (log units) a midpoint factorisation takes
@@ -88,12 +89,11 @@ def gated_linear_attention(
   k, v32 = k.astype(f32), v.astype(f32)
   g = None if g is None else g.astype(f32)
   bonus = None if bonus is None else bonus.astype(f32)
-  if initial_state is None:
-    initial_state = jnp.zeros((batch, heads, key_dim, value_dim), f32)
-  initial_state = initial_state.astype(f32)
+  initial_state = arguments.state_or_zeros(initial_state, (batch, heads, key_dim, value_dim))
 
   if impl == "reference":
-    o, final = _reference(q, k, v32, g, bonus, initial_state, segment_ids)
+    step = lambda state, *xs: _step(*xs, bonus, state)
+    o, final = reference.scan_tokens(step, initial_state, (q, k, v32, g), segment_ids)
   else:
     o, final = _chunked(q, k, v32, g, bonus, initial_state, segment_ids,
                         chunking.chunk_length(time, chunk_size))
@@ -146,33 +146,6 @@ def _step(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
   return o, state
 
 
-def document_resets(segment_ids: jax.Array | None, time: int) -> jax.Array | None:
-  """[B, T] bool: token t starts a new document (never token 0)."""
-  if segment_ids is None:
-    return None
-  change = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.pad(change, [(0, 0), (1, 0)])
-
-
-def _reference(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
-               bonus: jax.Array | None, initial_state: jax.Array,
-               segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """Token-by-token float32 scan: the ground truth."""
-  resets = document_resets(segment_ids, q.shape[1])
-
-  def body(state, xs):
-    q_t, k_t, v_t, g_t, reset_t = xs
-    if reset_t is not None:
-      state = jnp.where(reset_t[:, None, None, None], 0.0, state)
-    o_t, state = _step(q_t, k_t, v_t, g_t, bonus, state)
-    return state, o_t
-
-  time_major = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
-  final, o = jax.lax.scan(body, initial_state,
-                          tuple(map(time_major, (q, k, v, g, resets))))
-  return jnp.moveaxis(o, 0, 1), final
-
-
 def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
              bonus: jax.Array | None, initial_state: jax.Array,
              segment_ids: jax.Array | None, chunk: int) -> tuple[jax.Array, jax.Array]:
@@ -193,20 +166,20 @@ def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
   else:
     gc = chunking.to_chunks(g, chunk)
     b = jnp.cumsum(gc, axis=3)
-    b_q = b - gc if strict else b
+    b_q = chunking.exclusive_cumsum(gc, axis=3) if strict else b
     b_last = b[:, :, :, -1]
     vector = g.ndim == 4
     if vector:
       scores = _vector_gate_scores(qc, kc, b_q, b, same, strict)
       expand = lambda m: None if m is None else m[..., None]
       q_in = qc * chunking.masked_exp(b_q, expand(start))
-      k_out = kc * chunking.masked_exp(b_last[..., None, :] - b, expand(end))
+      k_out = kc * chunking.masked_exp(chunking.gap_to_end(b, key_axis=True), expand(end))
       decay = chunking.masked_exp(b_last, expand(carry))
     else:
-      scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc) * chunking.masked_exp(
-          b_q[..., :, None] - b[..., None, :], in_chunk)
+      gaps = chunking.pair_gaps(b_q, b, strict=strict, key_axis=False)
+      scores = jnp.einsum("bhnik,bhnjk->bhnij", qc, kc) * chunking.masked_exp(gaps, in_chunk)
       q_in = qc * chunking.masked_exp(b_q, start)[..., None]
-      k_out = kc * chunking.masked_exp(b_last[..., None] - b, end)[..., None]
+      k_out = kc * chunking.masked_exp(chunking.gap_to_end(b, key_axis=False), end)[..., None]
       decay = chunking.masked_exp(b_last, carry)
   decay = jnp.broadcast_to(decay, qc.shape[:3] + decay.shape[3:])
 
@@ -272,13 +245,18 @@ def _score_tiers(strict: bool, same: jax.Array | None) -> list:
       diag = _midpoint_scores(qs, ks, bqs, bs, top[..., None, :], bounds[..., None, :])
     else:
       causal = chunking.causal_mask(sub, strict=strict)[..., None]
-      expo = chunking.masked_exp(bqs[..., :, None, :] - bs[..., None, :, :], causal)
+      gaps = chunking.pair_gaps(bqs, bs, strict=strict, key_axis=True)
+      expo = chunking.masked_exp(gaps, causal)
       diag = jnp.sum(qs[..., :, None, :] * ks[..., None, :, :] * expo, axis=-1)
     # Blocks I > J through r_J, the gate at the end of block J: factors <= 1.
-    k_ref = ks * jnp.exp(bounds[..., None, :] - bs)              # [.., J, c, K]
+    k_ref = ks * jnp.exp(chunking.gap_to_end(bs, key_axis=True))  # [.., J, c, K]
     below = chunking.causal_mask(num, strict=True)[:, :, None, None]
-    q_ref = qs[..., :, None, :, :] * chunking.masked_exp(        # [.., I, J, c, K]
-        bqs[..., :, None, :, :] - bounds[..., None, :, None, :], below)
+    q_gaps = bqs[..., :, None, :, :] - bounds[..., None, :, None, :]
+    if strict:  # b^q at the first token of block J+1 is exactly r_J (see pair_gaps)
+      zero = (jnp.arange(num)[:, None] - jnp.arange(num)[None, :] == 1)[:, :, None] & (
+          jnp.arange(sub) == 0)
+      q_gaps = jnp.where(zero[..., None], 0.0, q_gaps)
+    q_ref = qs[..., :, None, :, :] * chunking.masked_exp(q_gaps, below)  # [.., I, J, c, K]
     blocks = jnp.einsum("...IJik,...Jjk->...IiJj", q_ref, k_ref)
     blocks = _place_diagonal(blocks, diag).reshape(*lead, chunk, chunk)
     mask = chunking.combine_masks(chunking.causal_mask(chunk, strict=strict), same)

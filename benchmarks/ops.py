@@ -121,8 +121,13 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
   return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
+# Per-key gates drawn uniformly from these ranges land in score tier 1 / 2 of
+# jaxlin.ops.gated (span <= 60 per 16-token sub-chunk / beyond it); "vector" is tier 0.
+TIER_GATE_RANGES = {"vector-tier1": (-3.7, -2.1), "vector-tier2": (-30.0, -5.0)}
+
+
 def gla_inputs(gate: str) -> Callable[[Shape], Inputs]:
-  """Inputs of gated_linear_attention with gate in {"none", "scalar", "vector"}."""
+  """Inputs of gated_linear_attention, gate in {"none", "scalar", "vector"} or TIER_GATE_RANGES."""
 
   def make(shape: Shape) -> Inputs:
     q, k, v, key = _qkv(shape)
@@ -132,6 +137,9 @@ def gla_inputs(gate: str) -> Callable[[Shape], Inputs]:
       inputs["g"] = _log_gate(key, bth)
     elif gate == "vector":
       inputs["g"] = _log_gate(key, bth + (shape.key_dim,))
+    elif gate in TIER_GATE_RANGES:
+      low, high = TIER_GATE_RANGES[gate]
+      inputs["g"] = jax.random.uniform(key, bth + (shape.key_dim,), jnp.float32, low, high)
     return inputs
 
   return make
@@ -186,11 +194,16 @@ def attention_op(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
 
 
-def all_cases(impls: Sequence[str], families: Sequence[str]) -> list[Case]:
-  """The benchmarked cases of the given families ("G", "D", "attn") in table order."""
+def all_cases(impls: Sequence[str], families: Sequence[str],
+              gate_tiers: bool = False) -> list[Case]:
+  """The benchmarked cases of the given families ("G", "D", "attn") in table order.
+
+  With `gate_tiers`, per-key gates strong enough for score tiers 1 and 2 are added.
+  """
   cases = []
+  gates = ("none", "scalar", "vector") + (tuple(TIER_GATE_RANGES) if gate_tiers else ())
   for impl in impls:
-    for gate in ("none", "scalar", "vector"):
+    for gate in gates:
       cases.append(Case("G", f"gla gate={gate}", impl, gla_inputs(gate), gla_op(impl),
                         linear_flops))
     cases.append(Case("D", "deltanet", impl, delta_inputs(False), delta_op(impl), linear_flops))
@@ -419,6 +432,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--quick", action="store_true", help="fast smoke run")
   parser.add_argument("--impls", nargs="+", default=["reference", "xla"],
                       choices=["reference", "xla", "pallas", "auto"])
+  parser.add_argument("--gate-tiers", action="store_true",
+                      help="also time per-key gates in score tiers 1 and 2 (strong decays)")
   parser.add_argument("--families", nargs="+", default=["G", "D", "attn"],
                       choices=["G", "D", "attn"], help="which cases to run (default all)")
   parser.add_argument("--max-reference-T", type=int, default=4096,
@@ -475,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                               min_total_s=max(args.min_total_s, 0.5))
   print(f"batched matmul {BMM_BATCH} x {BMM_SIZE}^3 float32: {bmm:.1f} GFLOP/s\n")
 
-  cases = all_cases(args.impls, args.families)
+  cases = all_cases(args.impls, args.families, args.gate_tiers)
   budget = device_memory_budget_bytes()
   timing: list[TimingRow] = []
   print(format_timing_table([]))

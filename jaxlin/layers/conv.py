@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlin.ops import documents
+
 f32 = jnp.float32
 
 ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array]] = {
@@ -29,12 +31,6 @@ ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
 }
-
-
-def _document_index(segment_ids: jax.Array) -> jax.Array:
-  """[B, T] ids -> [B, T] int32 index of the document (run of equal ids), 0 first."""
-  changes = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
-  return jnp.concatenate([jnp.zeros_like(changes[:, :1]), jnp.cumsum(changes, axis=1)], axis=1)
 
 
 class ShortConv(nnx.Module):
@@ -105,7 +101,7 @@ class ShortConv(nnx.Module):
     weight = self.weight[...].astype(f32)
     if segment_ids is not None:
       # state rows belong to document 0, the one token 0 belongs to
-      doc = _document_index(segment_ids)
+      doc = documents.document_index(segment_ids)
       padded_doc = jnp.concatenate([jnp.zeros((batch, k - 1), doc.dtype), doc], axis=1)
 
     y = jnp.zeros((batch, time, channels), f32)

@@ -23,6 +23,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxlin.ops import documents
+
 
 def chunk_length(time: int, chunk_size: int, multiple: int = 16) -> int:
   """The chunk length used for a sequence of `time` tokens.
@@ -74,10 +76,7 @@ def document_masks(segment_ids: jax.Array | None, chunk: int) -> DocumentMasks |
   if segment_ids is None:
     return None
   batch, time = segment_ids.shape
-  new_doc = jnp.concatenate(
-      [jnp.zeros((batch, 1), jnp.int32),
-       (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)], axis=1)
-  doc = jnp.cumsum(new_doc, axis=1)
+  doc = documents.document_index(segment_ids)
   num = -(-time // chunk)
   # Front padding belongs to the first document (the initial state's).
   doc = jnp.pad(doc, [(0, 0), (num * chunk - time, 0)], mode="edge")
@@ -142,9 +141,8 @@ def scan_chunk_states(decay: jax.Array, update: jax.Array,
   return jnp.moveaxis(states, 0, 2), final
 
 
-def exclusive_cumsum(g: jax.Array, axis: int) -> jax.Array:
-  """sum_{s<i} g_s along `axis` (a shift of the inclusive cumsum: exact zeros)."""
-  b = jnp.cumsum(g, axis=axis)
+def exclusive_from_inclusive(b: jax.Array, axis: int) -> jax.Array:
+  """sum_{s<i} g_s from the inclusive cumsum b along `axis`, by a shift (exact zeros)."""
   first = jnp.zeros_like(jax.lax.slice_in_dim(b, 0, 1, axis=axis))
   return jnp.concatenate([first, jax.lax.slice_in_dim(b, 0, -1, axis=axis)], axis=axis)
 

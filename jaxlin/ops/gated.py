@@ -166,7 +166,7 @@ def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
   else:
     gc = chunking.to_chunks(g, chunk)
     b = jnp.cumsum(gc, axis=3)
-    b_q = chunking.exclusive_cumsum(gc, axis=3) if strict else b
+    b_q = chunking.exclusive_from_inclusive(b, axis=3) if strict else b
     b_last = b[:, :, :, -1]
     vector = g.ndim == 4
     if vector:

@@ -10,16 +10,10 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxlin.ops import documents
+
 # step(state [B,H,K,V], *inputs at one token) -> (o_t [B,H,V], new state)
 Step = Callable[..., tuple[jax.Array, jax.Array]]
-
-
-def document_resets(segment_ids: jax.Array | None) -> jax.Array | None:
-  """[B, T] bool: token t starts a new document (never token 0)."""
-  if segment_ids is None:
-    return None
-  change = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.pad(change, [(0, 0), (1, 0)])
 
 
 def scan_tokens(step: Step, initial_state: jax.Array,
@@ -35,7 +29,7 @@ def scan_tokens(step: Step, initial_state: jax.Array,
   Returns:
     (o [B, T, H, V], final state [B, H, K, V]).
   """
-  resets = document_resets(segment_ids)
+  resets = None if segment_ids is None else documents.document_starts(segment_ids)
 
   def body(state, xs):
     reset_t, *inputs_t = xs

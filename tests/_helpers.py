@@ -330,9 +330,10 @@ def run_op(
 
 
 @functools.lru_cache(maxsize=None)
-def _loss_grad_jit(family: str, impl: str, chunk_size: int) -> Callable:
+def _loss_grad_jit(family: str, impl: str, chunk_size: int, kernel: Any = None) -> Callable:
     def loss(diff: dict, nondiff: dict, w_o: jax.Array, w_s: jax.Array):
-        o, s = call_op(family, {**diff, **nondiff}, impl=impl, chunk_size=chunk_size, output_final_state=True)
+        o, s = call_op(family, {**diff, **nondiff}, impl=impl, chunk_size=chunk_size, output_final_state=True,
+                       kernel=kernel)
         value = jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(s * w_s)
         return value, (o, s)
 
@@ -347,15 +348,18 @@ def loss_weights(inputs: Inputs, seed: int = 1234) -> tuple[np.ndarray, np.ndarr
     return rng.standard_normal((B, T, H, V)).astype(np.float32), rng.standard_normal((B, H, K, V)).astype(np.float32)
 
 
-def run_with_grads(family: str, impl: str, inputs: Inputs, chunk_size: int = 64) -> dict[str, np.ndarray]:
+def run_with_grads(
+    family: str, impl: str, inputs: Inputs, chunk_size: int = 64, kernel: Any = None
+) -> dict[str, np.ndarray]:
     """o, final state and d/d(every float input) of loss = sum(o*w_o) + sum(final_state*w_s).
 
-    Returns a flat dict: "o", "state", and "grad_<name>" for every non-None float input.
+    ``kernel``: the ops' KernelOptions for impl="pallas". Returns a flat dict: "o", "state", and
+    "grad_<name>" for every non-None float input.
     """
     diff = {n: x for n, x in inputs.items() if x is not None and n != "segment_ids"}
     nondiff = {"segment_ids": inputs.get("segment_ids")}
     w_o, w_s = loss_weights(inputs)
-    (_, (o, s)), grads = _loss_grad_jit(family, impl, chunk_size)(diff, nondiff, w_o, w_s)
+    (_, (o, s)), grads = _loss_grad_jit(family, impl, chunk_size, kernel)(diff, nondiff, w_o, w_s)
     out = {"o": np.asarray(o), "state": np.asarray(s)}
     out.update({f"grad_{n}": np.asarray(gr) for n, gr in grads.items()})
     return out

@@ -4,6 +4,12 @@ from __future__ import annotations
 import os
 import sys
 
+import jax
+
+# Full float32 matmuls everywhere: on GPUs jax defaults to TF32 (10-bit mantissa) for float32
+# products, which would make the float32 reference itself inexact when the tests run there.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)

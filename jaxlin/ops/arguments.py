@@ -26,14 +26,11 @@ def _describe(x: jax.Array) -> str:
 
 
 def check_impl(impl: str) -> str:
-  """Returns the implementation to run for `impl` (resolving "auto")."""
+  """Returns `impl` after checking it is one of IMPLS ("auto" and "pallas" are
+  resolved per call by `pallas_kernels.dispatch.kernel_platform`)."""
   if impl not in IMPLS:
     raise ValueError(f"impl: got {impl!r}; expected one of {IMPLS}")
-  if impl == "pallas":
-    raise NotImplementedError(
-        "impl='pallas': the Pallas kernels are not written yet (see the "
-        "kernels issue); use impl='xla' or impl='auto'.")
-  return "xla" if impl == "auto" else impl
+  return impl
 
 
 def check_chunk_size(chunk_size: int) -> None:
@@ -122,3 +119,16 @@ def state_or_zeros(state: jax.Array | None, shape: Sequence[int]) -> jax.Array:
   if state is None:
     return jnp.zeros(tuple(shape), jnp.float32)
   return state.astype(jnp.float32)
+
+
+def check_integer_array(name: str, x: jax.Array | None,
+                        allowed: Sequence[Sequence[int]], legend: str) -> None:
+  """Raises unless `x` is None or an integer array whose shape is one of `allowed`."""
+  if x is None:
+    return
+  shapes = [tuple(s) for s in allowed]
+  if tuple(x.shape) not in shapes:
+    raise ValueError(f"{name}: got {_describe(x)}; expected {legend} = "
+                     f"{' or '.join(map(str, shapes))}")
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f"{name}: got {_describe(x)}; expected an integer dtype")

@@ -141,6 +141,28 @@ def scan_chunk_states(decay: jax.Array, update: jax.Array,
   return jnp.moveaxis(states, 0, 2), final
 
 
+def chunk_cumsum(g: jax.Array, same: jax.Array | None) -> jax.Array:
+  """Inclusive cumulative log gates b_i = sum_{j <= i} g_j inside each chunk.
+
+  g: [B, H, N, C] or [B, H, N, C, K]; same: [B, 1, N, C, C] or None.
+  With documents the value is the plain cumsum (monotone over the chunk, which
+  the span checks and reference points rely on), but its gradient flows only
+  to gates of the token's own document: b = r + stop_gradient(cumsum - r),
+  where r_i = sum_{j <= i, same document} g_j is a masked matmul whose
+  coefficients on other documents are exactly 0. Every gap b_i - b_j the ops
+  use lies inside one document, so no gradient crosses a document boundary
+  (with a plain cumsum the earlier document's gates cancel only up to
+  rounding in the backward pass).
+  """
+  plain = jnp.cumsum(g, axis=3)
+  if same is None:
+    return plain
+  lower = (causal_mask(g.shape[3], strict=False) & same).astype(g.dtype)
+  spec = "bhnij,bhnj->bhni" if g.ndim == 4 else "bhnij,bhnjk->bhnik"
+  own = jnp.einsum(spec, lower, g, precision=jax.lax.Precision.HIGHEST)
+  return own + jax.lax.stop_gradient(plain - own)
+
+
 def exclusive_from_inclusive(b: jax.Array, axis: int) -> jax.Array:
   """sum_{s<i} g_s from the inclusive cumsum b along `axis`, by a shift (exact zeros)."""
   first = jnp.zeros_like(jax.lax.slice_in_dim(b, 0, 1, axis=axis))

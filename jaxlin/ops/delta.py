@@ -31,6 +31,8 @@ Legend: B batch, T time, H heads, K key dim, V value dim; chunked tensors are
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -38,6 +40,7 @@ from jaxlin.ops import arguments
 from jaxlin.ops import chunking
 from jaxlin.ops import reference
 from jaxlin.ops import triangular
+from pallas_kernels import dispatch
 
 f32 = jnp.float32
 
@@ -57,6 +60,7 @@ def delta_rule(
     output_final_state: bool = False,
     chunk_size: int = 64,
     impl: str = "auto",
+    kernel: dispatch.KernelOptions | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
   """The gated delta rule over a sequence (see module docstring).
 
@@ -74,7 +78,9 @@ def delta_rule(
     output_final_state: return the [B, H, K, V] float32 state after the last token.
     chunk_size: chunk length of the chunked form, a multiple of 16 in [16, 256].
     impl: "reference" (token-by-token float32 scan), "xla" (chunked), "pallas"
-      (kernel) or "auto".
+      (the Pallas kernel where it supports the call, else "xla") or "auto"
+      (the kernel on GPU/TPU where supported, else "xla").
+    kernel: options of the Pallas path (platform, interpreter, block sizes).
   Returns:
     (o [B, T, H, V] in v's dtype, final_state or None).
   """
@@ -103,9 +109,22 @@ def delta_rule(
     o, final = reference.scan_tokens(step, initial_state, (q, k, v32, beta, g, p, b),
                                      segment_ids)
   else:
-    o, final = _chunked(q, k, v32, beta, g, p, b, initial_state, segment_ids,
-                        chunking.chunk_length(time, chunk_size))
+    supports = lambda platform: pallas_delta().supports(platform, key_dim, value_dim, v.dtype)
+    platform = dispatch.kernel_platform(impl, kernel, supports)
+    if platform is None:
+      o, final = _chunked(q, k, v32, beta, g, p, b, initial_state, segment_ids,
+                          chunking.chunk_length(time, chunk_size))
+    else:
+      o, final = pallas_delta().chunked(
+          q, k, v32, beta, g, p, b, initial_state, segment_ids, matmul_dtype=v.dtype,
+          platform=platform, options=kernel or dispatch.KernelOptions())
   return o.astype(v.dtype), (final if output_final_state else None)
+
+
+def pallas_delta():
+  """pallas_kernels.delta, imported on first use (it imports this module)."""
+  from pallas_kernels import delta as kernels  # pylint: disable=import-outside-toplevel
+  return kernels
 
 
 def delta_rule_step(
@@ -157,12 +176,27 @@ def _step(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
   return jnp.einsum("bhk,bhkv->bhv", q, state), state
 
 
-def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
-             g: jax.Array | None, p: jax.Array, b: jax.Array,
-             initial_state: jax.Array, segment_ids: jax.Array | None,
-             chunk: int) -> tuple[jax.Array, jax.Array]:
-  """The chunked UT-transform form (see module docstring)."""
-  time = q.shape[1]
+class ChunkTerms(NamedTuple):
+  """The per-chunk terms of the UT-transform form (module docstring), float32.
+
+  With W = U - W_k S_0:  o = q_in S_0 + scores W;  S_end = Diag(decay) S_0 + k_out^T W.
+  """
+  q_in: jax.Array     # [B, H, N, C, K]  Gamma Q
+  k_out: jax.Array    # [B, H, N, C, K]  K~
+  scores: jax.Array   # [B, H, N, C, C]  A
+  values: jax.Array   # [B, H, N, C, V]  U = T diag(beta) V
+  w_k: jax.Array      # [B, H, N, C, K]  T diag(b Gamma) P
+  decay: jax.Array    # [B, H, N]        Gamma_C
+
+
+def chunk_terms(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
+                g: jax.Array | None, p: jax.Array, b: jax.Array,
+                segment_ids: jax.Array | None, chunk: int) -> ChunkTerms:
+  """The in-chunk work of the UT-transform form, every chunk in parallel.
+
+  q (already scaled), k, p: [B, T, H, K]; v: [B, T, H, V]; beta, b: [B, T, H];
+  g: None or [B, T, H]; all float32.
+  """
   qc, kc, vc, pc = (chunking.to_chunks(x, chunk) for x in (q, k, v, p))
   betac, bc = chunking.to_chunks(beta, chunk), chunking.to_chunks(b, chunk)
   docs = chunking.document_masks(segment_ids, chunk)
@@ -178,7 +212,7 @@ def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
     k_out = kc if end is None else jnp.where(end[..., None], kc, 0.0)
     gamma_last = zeros[..., 0] + (1.0 if carry is None else carry)
   else:
-    cum = jnp.cumsum(chunking.to_chunks(g, chunk), axis=3)        # b^g
+    cum = chunking.chunk_cumsum(chunking.to_chunks(g, chunk), same)  # b^g
     cum_last = cum[..., -1]
     gaps = chunking.pair_gaps(cum, cum, strict=False, key_axis=False)
     pair_decay = lambda mask: chunking.masked_exp(gaps, mask)
@@ -194,17 +228,27 @@ def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
   value_dim = vc.shape[-1]
   u_wk = inverse @ jnp.concatenate([betac[..., None] * vc,
                                     (bc * gamma)[..., None] * pc], axis=-1)
-  u, w_k = u_wk[..., :value_dim], u_wk[..., value_dim:]
+  return ChunkTerms(gamma[..., None] * qc, k_out, scores, u_wk[..., :value_dim],
+                    u_wk[..., value_dim:], gamma_last)
 
-  a_u_wk = scores @ u_wk
-  q_in = gamma[..., None] * qc - a_u_wk[..., value_dim:]          # Gamma Q - A W_k
-  kt_u_wk = jnp.einsum("bhnck,bhncx->bhnkx", k_out, u_wk)
+
+def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
+             g: jax.Array | None, p: jax.Array, b: jax.Array,
+             initial_state: jax.Array, segment_ids: jax.Array | None,
+             chunk: int) -> tuple[jax.Array, jax.Array]:
+  """The chunked UT-transform form: per-chunk K x K transitions, one scan."""
+  terms = chunk_terms(q, k, v, beta, g, p, b, segment_ids, chunk)
+  value_dim = v.shape[-1]
+  u_wk = jnp.concatenate([terms.values, terms.w_k], axis=-1)
+  a_u_wk = terms.scores @ u_wk
+  q_in = terms.q_in - a_u_wk[..., value_dim:]                     # Gamma Q - A W_k
+  kt_u_wk = jnp.einsum("bhnck,bhncx->bhnkx", terms.k_out, u_wk)
   updates = kt_u_wk[..., :value_dim]                              # K~^T U
-  transition = (gamma_last[..., None, None] * jnp.eye(q.shape[-1], dtype=f32)
+  transition = (terms.decay[..., None, None] * jnp.eye(q.shape[-1], dtype=f32)
                 - kt_u_wk[..., value_dim:])                       # Gamma_C I - K~^T W_k
   states, final = _scan_transitions(transition, updates, initial_state)
   o = jnp.einsum("bhnck,bhnkv->bhncv", q_in, states) + a_u_wk[..., :value_dim]
-  return chunking.from_chunks(o, time), final
+  return chunking.from_chunks(o, q.shape[1]), final
 
 
 def _scan_transitions(transition: jax.Array, update: jax.Array,

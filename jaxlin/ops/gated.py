@@ -30,6 +30,7 @@ Legend: B batch, T time, H heads, K key dim, V value dim; chunked tensors are
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 from jaxlin.ops import arguments
 from jaxlin.ops import chunking
 from jaxlin.ops import reference
+from pallas_kernels import dispatch
 
 SUB_CHUNK = 16     # sub-chunk length of the per-key-gate score computation
 SAFE_SPAN = 60.0   # largest gate span (log units) a midpoint factorisation takes
@@ -56,6 +58,7 @@ def gated_linear_attention(
     output_final_state: bool = False,
     chunk_size: int = 64,
     impl: str = "auto",
+    kernel: dispatch.KernelOptions | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
   """Diagonal-gated linear attention over a sequence (see module docstring).
 
@@ -71,7 +74,9 @@ def gated_linear_attention(
     output_final_state: return the [B, H, K, V] float32 state after the last token.
     chunk_size: chunk length of the chunked form, a multiple of 16 in [16, 256].
     impl: "reference" (token-by-token float32 scan), "xla" (chunked), "pallas"
-      (kernel) or "auto".
+      (the Pallas kernel where it supports the call, else "xla") or "auto"
+      (the kernel on GPU/TPU where supported, else "xla").
+    kernel: options of the Pallas path (platform, interpreter, block sizes).
   Returns:
     (o [B, T, H, V] in v's dtype, final_state or None).
   """
@@ -95,9 +100,22 @@ def gated_linear_attention(
     step = lambda state, *xs: _step(*xs, bonus, state)
     o, final = reference.scan_tokens(step, initial_state, (q, k, v32, g), segment_ids)
   else:
-    o, final = _chunked(q, k, v32, g, bonus, initial_state, segment_ids,
-                        chunking.chunk_length(time, chunk_size))
+    supports = lambda platform: pallas_gated().supports(platform, key_dim, value_dim, v.dtype)
+    platform = dispatch.kernel_platform(impl, kernel, supports)
+    if platform is None:
+      o, final = _chunked(q, k, v32, g, bonus, initial_state, segment_ids,
+                          chunking.chunk_length(time, chunk_size))
+    else:
+      o, final = pallas_gated().chunked(
+          q, k, v32, g, bonus, initial_state, segment_ids, matmul_dtype=v.dtype,
+          platform=platform, options=kernel or dispatch.KernelOptions())
   return o.astype(v.dtype), (final if output_final_state else None)
+
+
+def pallas_gated():
+  """pallas_kernels.gated, imported on first use (it imports this module)."""
+  from pallas_kernels import gated as kernels  # pylint: disable=import-outside-toplevel
+  return kernels
 
 
 def gated_linear_attention_step(
@@ -146,11 +164,28 @@ def _step(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
   return o, state
 
 
-def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
-             bonus: jax.Array | None, initial_state: jax.Array,
-             segment_ids: jax.Array | None, chunk: int) -> tuple[jax.Array, jax.Array]:
-  """The chunked form: in-chunk scores in parallel, one scan over chunk states."""
-  time = q.shape[1]
+class ChunkTerms(NamedTuple):
+  """The per-chunk terms of the G family (module docstring), float32.
+
+  o_i = q_in_i^T S_0 + sum_j scores_ij v_j;  S_end = Diag(decay) S_0 + k_out^T v.
+  Masks (causality, documents) and the RWKV6 bonus (on the diagonal of
+  `scores`) are folded in.
+  """
+  q_in: jax.Array     # [B, H, N, C, K]
+  k_out: jax.Array    # [B, H, N, C, K]
+  scores: jax.Array   # [B, H, N, C, C]
+  values: jax.Array   # [B, H, N, C, V]
+  decay: jax.Array    # [B, H, N] (scalar or no gate) or [B, H, N, K]
+
+
+def chunk_terms(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
+                bonus: jax.Array | None, segment_ids: jax.Array | None,
+                chunk: int) -> ChunkTerms:
+  """The in-chunk work of the chunked form, every chunk in parallel.
+
+  q (already scaled), k: [B, T, H, K]; v: [B, T, H, V]; g: None, [B, T, H] or
+  [B, T, H, K]; bonus: [H, K] or None; all float32.
+  """
   qc, kc, vc = (chunking.to_chunks(x, chunk) for x in (q, k, v))
   docs = chunking.document_masks(segment_ids, chunk)
   same, start, end, carry = ((None,) * 4 if docs is None else
@@ -165,11 +200,10 @@ def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
     decay = jnp.ones(qc.shape[:3], f32) if carry is None else carry.astype(f32)
   else:
     gc = chunking.to_chunks(g, chunk)
-    b = jnp.cumsum(gc, axis=3)
+    b = chunking.chunk_cumsum(gc, same)
     b_q = chunking.exclusive_from_inclusive(b, axis=3) if strict else b
     b_last = b[:, :, :, -1]
-    vector = g.ndim == 4
-    if vector:
+    if g.ndim == 4:
       scores = _vector_gate_scores(qc, kc, b_q, b, same, strict)
       expand = lambda m: None if m is None else m[..., None]
       q_in = qc * chunking.masked_exp(b_q, expand(start))
@@ -182,14 +216,22 @@ def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
       k_out = kc * chunking.masked_exp(chunking.gap_to_end(b, key_axis=False), end)[..., None]
       decay = chunking.masked_exp(b_last, carry)
   decay = jnp.broadcast_to(decay, qc.shape[:3] + decay.shape[3:])
+  if strict:  # the bonus term u . (q_i * k_i) sits on the (otherwise zero) diagonal
+    boosted = jnp.sum(qc * bonus[None, :, None, None, :] * kc, -1)
+    scores = jnp.where(jnp.eye(chunk, dtype=bool), boosted[..., None], scores)
+  return ChunkTerms(q_in, k_out, scores, vc, decay)
 
-  updates = jnp.einsum("bhnck,bhncv->bhnkv", k_out, vc)
-  states, final = chunking.scan_chunk_states(decay, updates, initial_state)
-  o = (jnp.einsum("bhnij,bhnjv->bhniv", scores, vc)
-       + jnp.einsum("bhnck,bhnkv->bhncv", q_in, states))
-  if strict:
-    o = o + jnp.sum(qc * bonus[None, :, None, None, :] * kc, -1)[..., None] * vc
-  return chunking.from_chunks(o, time), final
+
+def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
+             bonus: jax.Array | None, initial_state: jax.Array,
+             segment_ids: jax.Array | None, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """The chunked form: in-chunk terms in parallel, one scan over chunk states."""
+  terms = chunk_terms(q, k, v, g, bonus, segment_ids, chunk)
+  updates = jnp.einsum("bhnck,bhncv->bhnkv", terms.k_out, terms.values)
+  states, final = chunking.scan_chunk_states(terms.decay, updates, initial_state)
+  o = (jnp.einsum("bhnij,bhnjv->bhniv", terms.scores, terms.values)
+       + jnp.einsum("bhnck,bhnkv->bhncv", terms.q_in, states))
+  return chunking.from_chunks(o, q.shape[1]), final
 
 
 def _vector_gate_scores(q: jax.Array, k: jax.Array, b_q: jax.Array, b: jax.Array,
@@ -299,7 +341,9 @@ def _midpoint_scores(q: jax.Array, k: jax.Array, b_q: jax.Array, b: jax.Array,
   SAFE_SPAN so that no factor leaves e^(+-SAFE_SPAN/2). Entries above the
   diagonal are finite garbage for the caller's mask.
   """
-  mid = 0.5 * (top + bottom)
+  # Any reference point gives the same scores: no gradient through its choice
+  # (else future gates would get rounding-level gradients from past outputs).
+  mid = jax.lax.stop_gradient(0.5 * (top + bottom))
   return jnp.einsum("...ik,...jk->...ij", q * jnp.exp(b_q - mid), k * jnp.exp(mid - b))
 
 

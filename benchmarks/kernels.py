@@ -1,0 +1,224 @@
+"""Benchmark the Pallas kernels against the XLA chunked form (and fla's Triton kernels on GPU).
+
+Usage:
+  python benchmarks/kernels.py                         # B=4 H=16 K=V=128 bf16, T in 2048 8192
+  python benchmarks/kernels.py --T 2048 --out /tmp/kernels.json
+  python benchmarks/kernels.py --quick                 # tiny shapes: a smoke test of the script
+
+Cases, on the same inputs (keys L2-normalised; gates log-sigmoid of N(3, 1) scaled like GLA):
+  simple_gla        G family, scalar gate [B,T,H]           fla: chunk_simple_gla
+  gla               G family, per-key gate [B,T,H,K]        fla: chunk_gla
+  gated_deltanet    D family, scalar gate, beta [B,T,H]     fla: chunk_gated_delta_rule
+each with jaxlin impl "pallas" (the kernel for this backend) and "xla", and fla when the `fla`
+package (fla-core) and torch with CUDA are importable. "forward" times the op alone,
+"forward+backward" the gradient of sum(o * do) with respect to every input (q, k, v, g, beta).
+
+Timing: every function compiled first, one warm-up call, then the median over --runs calls
+(`block_until_ready` for JAX; CUDA events after `torch.cuda.synchronize` for torch).
+TFLOP/s counts a model FLOP figure, the same for every impl: per token and head, forward
+F = 4KV + 2C(K+V) for G (C = 64) and F + 2KV + 4CK + 2CV for D (the W_k S product, the
+removal scores and the UT solve applied to [V | K]); forward+backward = 3F. Ratios
+(xla / pallas, fla / pallas) are taken inside one run, so they survive a noisy machine.
+Results are printed and written as JSON after every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import ops as op_benchmark  # noqa: E402  (benchmarks/ops.py: environment())
+from jaxlin.ops import delta_rule, gated_linear_attention  # noqa: E402
+from pallas_kernels.chunk_recurrence import BlockSizes  # noqa: E402
+from pallas_kernels.dispatch import KernelOptions  # noqa: E402
+
+CASES = ("simple_gla", "gla", "gated_deltanet")
+CHUNK = 64
+
+
+def make_inputs(case: str, batch: int, time_: int, heads: int, key_dim: int, value_dim: int,
+                seed: int = 0) -> dict[str, np.ndarray]:
+  """float32 numpy inputs of one case (cast to the benchmark dtype by each impl)."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  log_sigmoid = lambda x: -np.logaddexp(0.0, -x)
+  d = {"q": normal(batch, time_, heads, key_dim), "k": unit(normal(batch, time_, heads, key_dim)),
+       "v": normal(batch, time_, heads, value_dim)}
+  gate_shape = (batch, time_, heads, key_dim) if case == "gla" else (batch, time_, heads)
+  d["g"] = (log_sigmoid(3.0 + normal(*gate_shape)) / (16.0 if case == "gla" else 1.0)).astype(
+      np.float32)
+  if case == "gated_deltanet":
+    d["beta"] = (1.0 / (1.0 + np.exp(-normal(batch, time_, heads)))).astype(np.float32)
+  d["do"] = normal(batch, time_, heads, value_dim)
+  return d
+
+
+def model_flops(case: str, batch: int, time_: int, heads: int, key_dim: int,
+                value_dim: int) -> float:
+  """Forward model FLOPs (module docstring)."""
+  per_token = 4 * key_dim * value_dim + 2 * CHUNK * (key_dim + value_dim)
+  if case == "gated_deltanet":
+    per_token += 2 * key_dim * value_dim + 4 * CHUNK * key_dim + 2 * CHUNK * value_dim
+  return float(batch * time_ * heads * per_token)
+
+
+def jax_fns(case: str, impl: str, kernel: KernelOptions | None) -> tuple[Callable, Callable]:
+  """(forward, forward+backward) jitted functions of a dict of inputs."""
+  def op(x: dict[str, jax.Array]) -> jax.Array:
+    if case == "gated_deltanet":
+      return delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], impl=impl, kernel=kernel)[0]
+    return gated_linear_attention(x["q"], x["k"], x["v"], x["g"], impl=impl, kernel=kernel)[0]
+
+  def loss(x: dict[str, jax.Array], do: jax.Array) -> jax.Array:
+    return jnp.sum(op(x).astype(jnp.float32) * do)
+
+  return jax.jit(op), jax.jit(jax.grad(loss))
+
+
+def time_jax(case: str, impl: str, inputs: dict[str, np.ndarray], dtype: Any, runs: int,
+             kernel: KernelOptions | None = None) -> dict[str, float]:
+  fwd, fwd_bwd = jax_fns(case, impl, kernel)
+  x = {n: jnp.asarray(a, dtype if n in ("q", "k", "v") else jnp.float32)
+       for n, a in inputs.items() if n != "do"}
+  do = jnp.asarray(inputs["do"])
+  out = {}
+  for name, fn, args in (("forward", fwd, (x,)), ("forward+backward", fwd_bwd, (x, do))):
+    compiled = fn.lower(*args).compile()
+    out[name] = op_benchmark.median_seconds(compiled, *args, min_runs=runs, max_runs=runs,
+                                            min_total_s=0.0)
+  return out
+
+
+def fla_available() -> bool:
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    import fla.ops  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    return torch.cuda.is_available()
+  except ImportError:
+    return False
+
+
+def time_fla(case: str, inputs: dict[str, np.ndarray], runs: int) -> dict[str, float]:
+  """fla's Triton kernels on the same inputs (bf16 q, k, v; float32 gates)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # pylint: disable=import-outside-toplevel
+  from fla.ops.gla import chunk_gla  # pylint: disable=import-outside-toplevel
+  from fla.ops.simple_gla import chunk_simple_gla  # pylint: disable=import-outside-toplevel
+
+  dev = torch.device("cuda")
+  t = {n: torch.from_numpy(a).to(dev) for n, a in inputs.items()}
+  for n in ("q", "k", "v"):
+    t[n] = t[n].to(torch.bfloat16)
+  leaves = [n for n in ("q", "k", "v", "g", "beta") if n in t]
+
+  def run(backward: bool) -> None:
+    xs = {n: t[n].detach().requires_grad_(backward) for n in leaves}
+    if case == "gla":
+      o, _ = chunk_gla(xs["q"], xs["k"], xs["v"], xs["g"])
+    elif case == "simple_gla":
+      o, _ = chunk_simple_gla(xs["q"], xs["k"], xs["v"], xs["g"])
+    else:
+      o, _ = chunk_gated_delta_rule(xs["q"], xs["k"], xs["v"], xs["g"], xs["beta"])
+    if backward:
+      o.backward(t["do"].to(o.dtype))
+
+  out = {}
+  for name, backward in (("forward", False), ("forward+backward", True)):
+    for _ in range(2):
+      run(backward)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+      start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+      start.record()
+      run(backward)
+      end.record()
+      torch.cuda.synchronize()
+      times.append(start.elapsed_time(end) / 1e3)
+    out[name] = statistics.median(times)
+  return out
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--T", type=int, nargs="+", default=[2048, 8192])
+  p.add_argument("--B", type=int, default=4)
+  p.add_argument("--H", type=int, default=16)
+  p.add_argument("--K", type=int, default=128)
+  p.add_argument("--V", type=int, default=128)
+  p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+  p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+  p.add_argument("--impls", nargs="+", default=["pallas", "xla", "fla"])
+  p.add_argument("--runs", type=int, default=10)
+  p.add_argument("--block-v", type=int, nargs="*", default=[],
+                 help="also time the kernel with these BlockSizes.block_v (impl 'pallas:bv:warps')")
+  p.add_argument("--num-warps", type=int, nargs="*", default=[4],
+                 help="with --block-v: Triton num_warps values to try")
+  p.add_argument("--quick", action="store_true", help="B=1 H=2 K=V=64 T=128, 3 runs")
+  p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "kernels.json"))
+  args = p.parse_args(argv)
+  if args.quick:
+    args.T, args.B, args.H, args.K, args.V, args.runs = [128], 1, 2, 64, 64, 3
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args = parse_args(argv)
+  dtype = jnp.dtype(args.dtype)
+  impls = [i for i in args.impls if i != "fla" or fla_available()]
+  impls += [f"pallas:{bv}:{w}" for bv in args.block_v for w in args.num_warps]
+  if "fla" in args.impls and "fla" not in impls:
+    print("fla (fla-core with torch+CUDA) not importable: fla rows skipped")
+  result = {"environment": op_benchmark.environment(), "args": vars(args), "rows": []}
+  print(f"{'case':15} {'T':>6} {'impl':13} {'pass':17} {'ms':>9} {'TFLOP/s':>8} {'vs pallas':>9}")
+  for time_ in args.T:
+    for case in args.cases:
+      inputs = make_inputs(case, args.B, time_, args.H, args.K, args.V)
+      flops = model_flops(case, args.B, time_, args.H, args.K, args.V)
+      timings: dict[str, dict[str, float]] = {}
+      for impl in impls:
+        try:
+          if impl == "fla":
+            timings[impl] = time_fla(case, inputs, args.runs)
+          elif impl.startswith("pallas:"):
+            _, bv, warps = impl.split(":")
+            blocks = BlockSizes(block_v=int(bv), num_warps=int(warps))
+            timings[impl] = time_jax(case, "pallas", inputs, dtype, args.runs,
+                                     KernelOptions(block_sizes=blocks))
+          else:
+            timings[impl] = time_jax(case, impl, inputs, dtype, args.runs)
+        except Exception as e:  # pylint: disable=broad-except  (report and go on)
+          print(f"{case:15} {time_:6} {impl:13} failed: {type(e).__name__}: {e}"[:400])
+          continue
+        for pass_, seconds in timings[impl].items():
+          total = flops * (3 if pass_ == "forward+backward" else 1)
+          base = timings.get("pallas", {}).get(pass_)
+          row = {"case": case, "T": time_, "impl": impl, "pass": pass_, "seconds": seconds,
+                 "model_tflops": total / seconds / 1e12,
+                 "time_over_pallas": None if base is None else seconds / base}
+          result["rows"].append(row)
+          ratio = "" if base is None else f"{seconds / base:9.2f}"
+          print(f"{case:15} {time_:6} {impl:13} {pass_:17} {seconds * 1e3:9.3f} "
+                f"{row['model_tflops']:8.2f} {ratio}", flush=True)
+        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

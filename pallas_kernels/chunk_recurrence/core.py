@@ -1,0 +1,88 @@
+"""`chunk_recurrence`: the fused inter-chunk kernel with its custom VJP.
+
+For every row r (a batch*head pair) and chunk n, with S_0 = initial_state:
+
+    W_n     = U_n - W_k,n S_n           (W_n = U_n when w_k is None)
+    o_n     = Q_in,n S_n + A_n W_n
+    S_{n+1} = Diag(d_n) S_n + K_out,n^T W_n
+
+Both op families reduce to this once their per-chunk terms are formed in XLA
+(`pallas_kernels.gated`, `pallas_kernels.delta`). `jax.grad` does not pass
+through `pallas_call`, so the gradient is a second kernel that walks the chunks
+backwards (`chunk_math.backward_chunk`); the forward stores the state entering
+each chunk for it.
+
+Legend: R rows, N chunks, C chunk length, K key dim, V value dim.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.chunk_recurrence import gpu, tpu
+from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
+
+PLATFORMS = {"gpu": gpu, "tpu": tpu}
+
+
+def chunk_recurrence(q_in: jax.Array, k_out: jax.Array, scores: jax.Array, values: jax.Array,
+                     w_k: jax.Array | None, decay: jax.Array, initial_state: jax.Array, *,
+                     platform: str, blocks: BlockSizes | None = None,
+                     interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Runs the recurrence of the module docstring with the `platform` kernel.
+
+  Args:
+    q_in, k_out: [R, N, C, K]; scores: [R, N, C, C]; values: [R, N, C, V];
+      w_k: [R, N, C, K] or None. All in the matmul dtype (bf16/f16/f32).
+    decay: [R, N, 1, K] float32; initial_state: [R, K, V] float32.
+    platform: "gpu" (Triton) or "tpu" (Mosaic) — which kernel to build.
+    blocks: tiling; default `BlockSizes.default(platform, K, V, delta=w_k is not None)`.
+    interpret: run the kernel in the Pallas interpreter (CPU tests).
+  Returns:
+    (o [R, N, C, V] float32, final state [R, K, V] float32).
+  """
+  if platform not in PLATFORMS:
+    raise ValueError(f"platform: got {platform!r}; expected one of {sorted(PLATFORMS)}")
+  key_dim, value_dim = q_in.shape[-1], values.shape[-1]
+  blocks = blocks or BlockSizes.default(platform, key_dim, value_dim, delta=w_k is not None)
+  blocks.check(platform, value_dim)
+  return _recurrence(platform, blocks, interpret, q_in, k_out, scores, values, w_k, decay,
+                     initial_state)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _recurrence(platform, blocks, interpret, q_in, k_out, scores, values, w_k, decay,
+                initial_state):
+  o, _, final = PLATFORMS[platform].forward(q_in, k_out, scores, values, w_k, decay,
+                                            initial_state, blocks=blocks, interpret=interpret)
+  return o, final
+
+
+def _recurrence_fwd(platform, blocks, interpret, q_in, k_out, scores, values, w_k, decay,
+                    initial_state):
+  o, states, final = PLATFORMS[platform].forward(
+      q_in, k_out, scores, values, w_k, decay, initial_state, blocks=blocks,
+      interpret=interpret)
+  return (o, final), (q_in, k_out, scores, values, w_k, decay, states)
+
+
+def _recurrence_bwd(platform, blocks, interpret, residuals, grads):
+  q_in, k_out, scores, values, w_k, decay, states = residuals
+  d_o, d_final = grads
+  outs = PLATFORMS[platform].backward(
+      q_in, k_out, scores, values, w_k, decay, states, d_o, d_final, blocks=blocks,
+      interpret=interpret)
+  d_q, d_k, d_a, d_u = outs[:4]
+  d_wk = outs[4] if w_k is not None else None
+  d_decay, d_h0 = outs[-2:]
+  total = lambda x: jnp.sum(x, axis=1)            # over value blocks
+  cast = lambda g, x: g.astype(x.dtype)
+  return (cast(total(d_q), q_in), cast(total(d_k), k_out), cast(total(d_a), scores),
+          cast(d_u, values), None if w_k is None else cast(total(d_wk), w_k),
+          cast(total(d_decay), decay), d_h0)
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)

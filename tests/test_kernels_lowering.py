@@ -1,0 +1,110 @@
+"""Every kernel configuration the dispatcher can select lowers for TPU (Mosaic) and CUDA (Triton).
+
+No accelerator is needed: `jax.export` runs the Pallas -> Mosaic lowering for platform "tpu"; the
+Triton lowering runs for "cuda" under an abstract H100 mesh (DESIGN.md §7). This catches block
+shapes a backend rejects and primitives it cannot lower. It does not check VMEM / shared memory
+sizes or run anything. Lowered: the forward and the backward kernel (the gradient of a loss).
+Selectable: K, V in `dispatch.GPU_DIMS` / `dispatch.TPU_DIMS`, bf16 / f16 / f32 inputs, with and
+without the delta rule's W_k, at the kernel chunk lengths 16, 32 and 64.
+"""
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import AbstractDevice, AbstractMesh
+
+from pallas_kernels import dispatch
+from pallas_kernels.chunk_recurrence import chunk_recurrence
+
+DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+
+
+def _lower(platform: str, key_dim: int, value_dim: int, dtype: jnp.dtype, with_w_k: bool,
+           chunk: int = 64) -> str:
+  rows, num = 2, 3
+  spec = lambda *shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt)
+  args = (spec(rows, num, chunk, key_dim), spec(rows, num, chunk, key_dim),
+          spec(rows, num, chunk, chunk), spec(rows, num, chunk, value_dim),
+          spec(rows, num, chunk, key_dim) if with_w_k else None,
+          spec(rows, num, 1, key_dim, dt=jnp.float32), spec(rows, key_dim, value_dim, dt=jnp.float32))
+
+  def loss(*xs):
+    o, final = chunk_recurrence(*xs, platform=platform)
+    return jnp.sum(o) + jnp.sum(final)
+
+  argnums = tuple(i for i, x in enumerate(args) if x is not None)
+  fn = jax.jit(jax.grad(loss, argnums))
+  if platform == "tpu":
+    return jax.export.export(fn, platforms=["tpu"])(*args).mlir_module()
+  with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=H100)):
+    return jax.export.export(
+        fn, platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(*args).mlir_module()
+
+
+def _configs(platform: str) -> list[tuple]:
+  dims = dispatch.TPU_DIMS if platform == "tpu" else dispatch.GPU_DIMS
+  return [(platform, k, v, dt, w) for k, v, dt, w in
+          itertools.product(dims, dims, DTYPES, (False, True))
+          if dispatch.supports_dims(platform, k, v, dt)]
+
+
+CONFIGS = _configs("tpu") + _configs("gpu")
+MARKER = {"tpu": "tpu_custom_call", "gpu": "triton"}
+
+
+@pytest.mark.parametrize("platform,key_dim,value_dim,dtype,with_w_k", CONFIGS,
+                         ids=[f"{p}-K{k}-V{v}-{jnp.dtype(d).name}-{'delta' if w else 'gated'}"
+                              for p, k, v, d, w in CONFIGS])
+def test_kernel_lowers(platform: str, key_dim: int, value_dim: int, dtype: jnp.dtype,
+                       with_w_k: bool) -> None:
+  module = _lower(platform, key_dim, value_dim, dtype, with_w_k)
+  assert module.count(MARKER[platform]) >= 2, "expected a forward and a backward kernel"
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_short_chunks_lower(platform: str, chunk: int) -> None:
+  """Sequences shorter than 64 run the kernel with chunk 16 or 32 (`dispatch.kernel_chunk`)."""
+  dim = 64
+  module = _lower(platform, dim, dim, jnp.bfloat16, True, chunk=chunk)
+  assert module.count(MARKER[platform]) >= 2
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+@pytest.mark.parametrize("family", ["gated", "delta"])
+def test_ops_lower_through_the_kernel(platform: str, family: str) -> None:
+  """The whole op (XLA prep + kernel, packed documents, per-key gates) lowers with its gradient."""
+  from jaxlin.ops import delta_rule, gated_linear_attention  # pylint: disable=import-outside-toplevel
+  batch, time_, heads, dim = 1, 100, 2, 64
+  spec = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)
+  options = dispatch.KernelOptions(platform=platform)
+  q, v = spec(batch, time_, heads, dim), spec(batch, time_, heads, dim)
+  ids = spec(batch, time_, dt=jnp.int32)
+
+  if family == "gated":
+    def loss(q, k, v, g, ids):
+      o, _ = gated_linear_attention(q, k, v, g, segment_ids=ids, impl="pallas", kernel=options)
+      return jnp.sum(o.astype(jnp.float32))
+    args = (q, q, v, spec(batch, time_, heads, dim, dt=jnp.float32), ids)
+  else:
+    def loss(q, k, v, beta, g, ids):
+      o, _ = delta_rule(q, k, v, beta, g, segment_ids=ids, impl="pallas", kernel=options)
+      return jnp.sum(o.astype(jnp.float32))
+    scalar = spec(batch, time_, heads, dt=jnp.float32)
+    args = (q, q, v, scalar, scalar, ids)
+  fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+  if platform == "tpu":
+    module = jax.export.export(fn, platforms=["tpu"])(*args).mlir_module()
+  else:
+    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=H100)):
+      module = jax.export.export(
+          fn, platforms=["cuda"],
+          disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+      )(*args).mlir_module()
+  assert module.count(MARKER[platform]) >= 2

@@ -16,3 +16,79 @@ __all__ = [
     "apply_rope",
     "rope_frequencies",
 ]
+
+# gate parametrisations of the linear-attention layers (DESIGN.md §5)
+from jaxlin.layers.gates import (
+    HGRN2Gate,
+    LowRankLogSigmoidGate,
+    Mamba2Decay,
+    RWKV6Decay,
+    RWKV6TokenShift,
+    alibi_slopes,
+    lightning_log_decay,
+    retention_log_decay,
+    shift_tokens,
+)
+
+__all__ += [
+    "HGRN2Gate",
+    "LowRankLogSigmoidGate",
+    "Mamba2Decay",
+    "RWKV6Decay",
+    "RWKV6TokenShift",
+    "alibi_slopes",
+    "lightning_log_decay",
+    "retention_log_decay",
+    "shift_tokens",
+]
+
+# channel mixers: dense SwiGLU MLP and Mixture-of-Experts (DESIGN.md §5)
+from jaxlin.layers.mlp import SwiGLU, swiglu_param_count
+from jaxlin.layers.moe import (
+    MoE,
+    ParamCounts,
+    Routing,
+    expert_capacity,
+    load_balance_loss,
+    moe_param_counts,
+    route,
+    router_z_loss,
+)
+
+__all__ += [
+    "MoE",
+    "ParamCounts",
+    "Routing",
+    "SwiGLU",
+    "expert_capacity",
+    "load_balance_loss",
+    "moe_param_counts",
+    "route",
+    "router_z_loss",
+    "swiglu_param_count",
+]
+
+# softmax attention (the N layer of hybrid models; DESIGN.md §5)
+from jaxlin.layers.attention import SoftmaxAttention, document_positions
+
+__all__ += [
+    "SoftmaxAttention",
+    "document_positions",
+]
+
+# Mixture-of-Memories over a GLA / Gated DeltaNet core (DESIGN.md §5)
+from jaxlin.layers.mom import MixtureOfMemories
+
+__all__ += ["MixtureOfMemories"]
+
+# linear-attention token mixer (every L variant) and its feature maps (DESIGN.md §5)
+from jaxlin.layers.feature_maps import FEATURE_MAPS, FeatureMap
+from jaxlin.layers.linear_attention import VARIANTS, LinearAttention, Variant
+
+__all__ += [
+    "FEATURE_MAPS",
+    "FeatureMap",
+    "LinearAttention",
+    "VARIANTS",
+    "Variant",
+]

@@ -1,0 +1,66 @@
+"""The contract between the layers and `jaxlin.model`.
+
+A *token mixer* (an L layer: linear attention of any variant, MoM; an N layer:
+softmax attention) maps x [B, T, D] to y [B, T, D] and can continue from a
+decoding cache:
+
+    mixer.init_cache(batch_size, max_length) -> cache
+    mixer(x, segment_ids=None, cache=None) -> MixerOutput(y, cache, aux)
+
+* Without a cache the call is the training / full-sequence forward; the
+  returned cache is None.
+* With a cache the call continues the sequence the cache has seen, for any
+  number of new tokens T >= 1 (prefill: T = prompt length on an empty cache;
+  decode: T = 1), and returns the updated cache. Prefill followed by decode
+  equals the full forward token by token. `segment_ids` with a cache is an
+  error (a cache holds one sequence per batch row).
+* A cache is a dict pytree of arrays with the batch axis first (or scalars),
+  so that it can be carried through `jax.lax.scan` / `jax.jit`. A linear layer
+  stores its [B, H, K, V] float32 recurrent state and its [B, 3, C] conv
+  state: its memory does not grow with the sequence. A softmax layer stores
+  keys and values (a ring buffer of the window for sliding-window attention).
+* `aux` holds scalars the model reports: keys ending in "_loss" are added to
+  the training loss as they are (the layer has already applied its
+  coefficient); other keys are metrics (e.g. the fraction of tokens an MoE
+  dropped).
+
+A *channel mixer* (dense SwiGLU MLP or MoE) maps x [B, T, D] to
+(y [B, T, D], aux) with the same `aux` convention.
+
+Modules take `dtype` (the compute dtype of matmul inputs and activations) and
+`param_dtype` (float32 by default) and are Flax NNX modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+import jax
+
+Cache = dict[str, Any]
+Aux = dict[str, jax.Array]
+
+
+class MixerOutput(NamedTuple):
+  """What a token mixer returns."""
+  y: jax.Array            # [B, T, D]
+  cache: Cache | None     # the updated cache when one was passed, else None
+  aux: Aux                # scalar losses ("*_loss", already weighted) and metrics
+
+
+class TokenMixer(Protocol):
+  """An L or N layer (see the module docstring)."""
+
+  def init_cache(self, batch_size: int, max_length: int) -> Cache:
+    ...
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+               cache: Cache | None = None) -> MixerOutput:
+    ...
+
+
+class ChannelMixer(Protocol):
+  """A dense or MoE MLP: x [B, T, D] -> (y [B, T, D], aux)."""
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, Aux]:
+    ...

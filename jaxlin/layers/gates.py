@@ -1,0 +1,237 @@
+"""Gate parametrisations of the linear-attention layers (DESIGN.md §5).
+
+Every gate is returned in log space, g <= 0 (decay = exp(g)), float32:
+
+  GLA (low-rank logsigmoid, per key dim)   g = logsigmoid(W2 W1 x + b) / tau       tau = 16
+  Mamba2 / Gated DeltaNet / Comba (scalar) g = -exp(A_log) * softplus(W x + dt_bias)
+  Lightning (fixed scalar per head)        g_h = -slope_h * (1 - l / (L - 1) + 1e-5)
+  Retention (fixed scalar per head)        g_h = log(1 - 2^(-5 - h))
+  HGRN2 (per dim, forget gate)             f = lb + (1 - lb) sigmoid(W x);  g = log f;  k = 1 - f
+  RWKV6 (per key dim, low rank)            g = -exp(b + W2 tanh(W1 x_w))
+  RWKV6 token shift (data-dependent lerp)  x_n = x + (x_{t-1} - x) * mu_n
+                                           mu_n = bias_n + W2_n tanh(W1 (x + (x_{t-1} - x) mu_x))
+
+Stable constructor signatures (imported by other layer families, e.g. MoM):
+  LowRankLogSigmoidGate(in_features, num_heads, head_dim, *, low_rank=16, normalizer=16.0,
+                        rngs, dtype=f32, param_dtype=f32)      x [..., D] -> g [..., H, K]
+  Mamba2Decay(in_features, num_heads, *, a_init_range=(1, 16), dt_min=1e-3, dt_max=0.1,
+              dt_floor=1e-4, rngs, dtype=f32, param_dtype=f32) x [..., D] -> g [..., H]
+
+Legend: B batch, T time, D model width, H heads, K key dim per head, R low rank,
+n the index of a token-shift mix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlin.ops import documents
+
+f32 = jnp.float32
+
+
+def _linear(in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs,
+            dtype: jnp.dtype, param_dtype: jnp.dtype,
+            kernel_init: nnx.Initializer | None = None) -> nnx.Linear:
+  """nnx.Linear with the module-wide dtypes (default LeCun-normal kernel, zero bias)."""
+  kwargs = {} if kernel_init is None else {"kernel_init": kernel_init}
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
+                    param_dtype=param_dtype, rngs=rngs, **kwargs)
+
+
+class LowRankLogSigmoidGate(nnx.Module):
+  """GLA's per-key gate: g = logsigmoid(W2 W1 x + b) / normalizer, in [-inf, 0].
+
+  W1: D -> R (no bias), W2: R -> H*K (with bias). normalizer = 16 in GLA makes
+  the decays start close to 1 (exp(logsigmoid(0)/16) ~ 0.958).
+  """
+
+  def __init__(self, in_features: int, num_heads: int, head_dim: int, *,
+               low_rank: int = 16, normalizer: float = 16.0, rngs: nnx.Rngs,
+               dtype: jnp.dtype = f32, param_dtype: jnp.dtype = f32) -> None:
+    if normalizer <= 0:
+      raise ValueError(f"normalizer must be > 0, got normalizer={normalizer}")
+    self.num_heads, self.head_dim, self.normalizer = num_heads, head_dim, normalizer
+    self.down = _linear(in_features, low_rank, use_bias=False, rngs=rngs, dtype=dtype,
+                        param_dtype=param_dtype)
+    self.up = _linear(low_rank, num_heads * head_dim, use_bias=True, rngs=rngs, dtype=dtype,
+                      param_dtype=param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [..., D] -> g [..., H, K] float32 (<= 0)."""
+    logits = self.up(self.down(x)).astype(f32)
+    g = jax.nn.log_sigmoid(logits) / self.normalizer
+    return g.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+
+
+def inverse_softplus(y: jax.Array) -> jax.Array:
+  """x with softplus(x) = y (y > 0): y + log(-expm1(-y))."""
+  return y + jnp.log(-jnp.expm1(-y))
+
+
+class Mamba2Decay(nnx.Module):
+  """Mamba2's scalar decay per head: g = -exp(A_log) * dt, dt = softplus(W x + dt_bias).
+
+  A = exp(A_log) starts uniform in `a_init_range`; dt_bias is the inverse
+  softplus of dt ~ log-uniform in [dt_min, dt_max] (floored at dt_floor), as in
+  Mamba2. `with_step_size` also returns dt (Mamba2 scales its input by dt).
+  """
+
+  def __init__(self, in_features: int, num_heads: int, *,
+               a_init_range: tuple[float, float] = (1.0, 16.0), dt_min: float = 1e-3,
+               dt_max: float = 0.1, dt_floor: float = 1e-4, rngs: nnx.Rngs,
+               dtype: jnp.dtype = f32, param_dtype: jnp.dtype = f32) -> None:
+    lo, hi = a_init_range
+    if not 0 < lo <= hi:
+      raise ValueError(f"a_init_range must satisfy 0 < lo <= hi, got a_init_range={a_init_range}")
+    if not 0 < dt_min <= dt_max:
+      raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+    self.num_heads = num_heads
+    self.proj = _linear(in_features, num_heads, use_bias=False, rngs=rngs, dtype=dtype,
+                        param_dtype=param_dtype)
+    a = jax.random.uniform(rngs.params(), (num_heads,), f32, lo, hi)
+    self.A_log = nnx.Param(jnp.log(a).astype(param_dtype))
+    u = jax.random.uniform(rngs.params(), (num_heads,), f32)
+    dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    self.dt_bias = nnx.Param(inverse_softplus(jnp.maximum(dt, dt_floor)).astype(param_dtype))
+
+  def with_step_size(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., D] -> (g [..., H] <= 0, dt [..., H] > 0), float32."""
+    dt = jax.nn.softplus(self.proj(x).astype(f32) + self.dt_bias[...].astype(f32))
+    return -jnp.exp(self.A_log[...].astype(f32)) * dt, dt
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [..., D] -> g [..., H] float32 (<= 0)."""
+    return self.with_step_size(x)[0]
+
+
+def alibi_slopes(num_heads: int) -> jax.Array:
+  """ALiBi head slopes [H]: 2^(-8 (h+1) / n) for n = H a power of two; otherwise
+  the slopes of the next-lower power of two, then every other one of the next."""
+  def power_of_two(n: int) -> list[float]:
+    start = 2.0 ** (-8.0 / n)
+    return [start ** (i + 1) for i in range(n)]
+  if num_heads & (num_heads - 1) == 0:
+    return jnp.asarray(power_of_two(num_heads), f32)
+  lower = 2 ** int(math.floor(math.log2(num_heads)))
+  extra = power_of_two(2 * lower)[0::2][:num_heads - lower]
+  return jnp.asarray(power_of_two(lower) + extra, f32)
+
+
+def lightning_log_decay(num_heads: int, layer_index: int = 0, num_layers: int = 1) -> jax.Array:
+  """Lightning / TransNormerLLM fixed decay per head [H] (log space):
+  g_h = -slope_h * (1 - l / (L - 1) + 1e-5), slope_h the ALiBi slopes; the
+  first layer decays fastest, the last barely (factor 1e-5). L = 1: factor 1."""
+  if not 0 <= layer_index < max(num_layers, 1):
+    raise ValueError(f"layer_index must be in [0, num_layers={num_layers}), "
+                     f"got layer_index={layer_index}")
+  factor = 1.0 if num_layers <= 1 else 1.0 - layer_index / (num_layers - 1) + 1e-5
+  return -alibi_slopes(num_heads) * factor
+
+
+def retention_log_decay(num_heads: int) -> jax.Array:
+  """RetNet fixed decay per head [H] (log space): g_h = log(1 - 2^(-5 - h))."""
+  return jnp.log1p(-(2.0 ** (-5.0 - jnp.arange(num_heads, dtype=f32))))
+
+
+class HGRN2Gate(nnx.Module):
+  """HGRN2's forget gate and its tied input key, per head and key dim.
+
+  f = lb + (1 - lb) * sigmoid(W x + b) with an optional lower bound lb in [0, 1);
+  g = log f (<= 0) and k = 1 - f = (1 - lb) * sigmoid(-(W x + b)).
+  """
+
+  def __init__(self, in_features: int, num_heads: int, head_dim: int, *,
+               lower_bound: float | None = None, rngs: nnx.Rngs,
+               dtype: jnp.dtype = f32, param_dtype: jnp.dtype = f32) -> None:
+    if lower_bound is not None and not 0.0 <= lower_bound < 1.0:
+      raise ValueError(f"lower_bound must be in [0, 1), got lower_bound={lower_bound}")
+    self.num_heads, self.head_dim = num_heads, head_dim
+    self.lower_bound = 0.0 if lower_bound is None else float(lower_bound)
+    self.proj = _linear(in_features, num_heads * head_dim, use_bias=True, rngs=rngs,
+                        dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., D] -> (g [..., H, K] <= 0, k [..., H, K] in (0, 1]), float32."""
+    f = self.proj(x).astype(f32).reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+    lb = self.lower_bound
+    if lb == 0.0:
+      g = jax.nn.log_sigmoid(f)
+    else:
+      g = jnp.log(lb + (1.0 - lb) * jax.nn.sigmoid(f))
+    return g, (1.0 - lb) * jax.nn.sigmoid(-f)
+
+
+def shift_tokens(x: jax.Array, previous: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+  """The previous token of every position: x [B, T, D] -> x_{t-1} [B, T, D].
+
+  Token 0 reads `previous` [B, D] (zeros when None); the first token of every
+  later packed document reads zeros (no token sees another document).
+  """
+  first = jnp.zeros_like(x[:, :1]) if previous is None else previous[:, None].astype(x.dtype)
+  shifted = jnp.concatenate([first, x[:, :-1]], axis=1)
+  if segment_ids is not None:
+    shifted = jnp.where(documents.document_starts(segment_ids)[..., None], 0, shifted)
+  return shifted
+
+
+class RWKV6TokenShift(nnx.Module):
+  """RWKV6's data-dependent token-shift interpolation (ddlerp) into n mixes.
+
+  With delta = x_{t-1} - x_t:
+    z    = tanh(W1 (x + delta * mu_x))               [.., n, R]  (one W1 block per mix)
+    mu_n = bias_n + W2_n z_n                          [.., D]
+    x_n  = x + delta * mu_n                           n = 0 .. num_mixes - 1
+  (bias_n the static part of each mix's lerp, starting uniform in [0, 1); mu_x
+  the static lerp of the shared input).
+  """
+
+  def __init__(self, d_model: int, *, num_mixes: int = 5, low_rank: int = 32,
+               rngs: nnx.Rngs, dtype: jnp.dtype = f32, param_dtype: jnp.dtype = f32) -> None:
+    self.d_model, self.num_mixes, self.low_rank = d_model, num_mixes, low_rank
+    self.mu_x = nnx.Param(jax.random.uniform(rngs.params(), (d_model,), param_dtype))
+    self.down = _linear(d_model, num_mixes * low_rank, use_bias=False, rngs=rngs, dtype=dtype,
+                        param_dtype=param_dtype)
+    self.up = nnx.Param(0.01 * jax.random.normal(rngs.params(), (num_mixes, low_rank, d_model),
+                                                 param_dtype))
+    self.bias = nnx.Param(jax.random.uniform(rngs.params(), (num_mixes, d_model), param_dtype))
+
+  def __call__(self, x: jax.Array, x_prev: jax.Array) -> jax.Array:
+    """x, x_prev [..., D] -> the n mixed inputs [n, ..., D] (x's dtype)."""
+    delta = x_prev - x
+    z = jnp.tanh(self.down(x + delta * self.mu_x[...].astype(x.dtype)).astype(f32))
+    z = z.reshape(*x.shape[:-1], self.num_mixes, self.low_rank)
+    mu = jnp.einsum("...nr,nrd->n...d", z, self.up[...].astype(f32))
+    lead = (1,) * (x.ndim - 1)
+    mu = mu + self.bias[...].astype(f32).reshape(
+        self.num_mixes, *lead, self.d_model)
+    return (x.astype(f32) + delta.astype(f32) * mu).astype(x.dtype)
+
+
+class RWKV6Decay(nnx.Module):
+  """RWKV6's per-key decay: g = -exp(b + W2 tanh(W1 x)) (<= 0).
+
+  The bias b starts at the RWKV schedule spanning [-6, -1] over the key dims
+  (decays from exp(-e^-6) ~ 0.998 to exp(-e^-1) ~ 0.69); W2 starts at zero.
+  """
+
+  def __init__(self, in_features: int, num_heads: int, head_dim: int, *,
+               low_rank: int = 64, rngs: nnx.Rngs, dtype: jnp.dtype = f32,
+               param_dtype: jnp.dtype = f32) -> None:
+    self.num_heads, self.head_dim = num_heads, head_dim
+    self.down = _linear(in_features, low_rank, use_bias=False, rngs=rngs, dtype=dtype,
+                        param_dtype=param_dtype)
+    self.up = _linear(low_rank, num_heads * head_dim, use_bias=False, rngs=rngs, dtype=dtype,
+                      param_dtype=param_dtype, kernel_init=nnx.initializers.zeros_init())
+    ramp = jnp.linspace(0.0, 1.0, head_dim, dtype=f32) ** 1.5
+    self.bias = nnx.Param(jnp.tile(-6.0 + 5.0 * ramp, num_heads).astype(param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [..., D] (the decay's token-shift mix) -> g [..., H, K] float32 (<= 0)."""
+    w = self.up(jnp.tanh(self.down(x))).astype(f32) + self.bias[...].astype(f32)
+    return -jnp.exp(w).reshape(*x.shape[:-1], self.num_heads, self.head_dim)

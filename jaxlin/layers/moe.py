@@ -1,0 +1,342 @@
+"""Mixture-of-Experts channel mixer with SwiGLU experts (DESIGN.md §5).
+
+Router (float32 throughout, whatever the compute dtype), for token x:
+
+    l = x W_r                         logits [E]
+    p = softmax(l)                    probabilities over all E experts
+    "softmax_topk" (Qwen2-MoE, DeepSeek): (w, e) = top_k(p), NOT renormalised
+    "topk_softmax" (Mixtral):         (v, e) = top_k(l), w = softmax(v) over the k
+
+Output, with SwiGLU experts f_e and optional shared experts f_s:
+
+    y = sum_{j<k} w_j f_{e_j}(x) + g(x) f_s(x)
+    g(x) = sigmoid(x w_g) (shared_gate=True, Qwen2-MoE) or 1 (DeepSeek)
+
+`num_shared_experts` = S shared experts of width `shared_hidden_dim` are one
+SwiGLU of width S * shared_hidden_dim (the sum of S SwiGLUs is exactly a SwiGLU
+over their concatenated hidden units).
+
+Dispatch:
+* "dropless": the N*k (token, expert) assignments are sorted by expert (stable,
+  so token order within an expert), every expert runs on its contiguous group
+  with `jax.lax.ragged_dot`, and the outputs are unsorted and combined.
+* "capacity": each expert takes at most C = min(N, ceil(capacity_factor*N*k/E))
+  assignments. PRIORITY RULE: first come, first served in token order, where
+  the N tokens are the [B, T] tokens flattened row-major (batch row 0 first,
+  then time); an expert keeps its first C assignments and drops the rest (a
+  token never picks one expert twice, so the slot of a choice within a token
+  does not matter). A dropped assignment contributes 0 (its weight is not
+  redistributed); the shared experts still see every token.
+  aux["moe_dropped_fraction"] = dropped assignments / (N*k).
+
+Aux (see jaxlin.layers.base), over the N tokens of the call:
+
+    moe_load_balance_loss = aux_loss_coef * E * sum_e f_e P_e
+        f_e = #(assignments to e) / (N k)   (routed choices, before any drop;
+              sum_e f_e = 1; Hugging Face's Mixtral/Qwen2 loss is k times this)
+        P_e = mean over tokens of p_e (full softmax, for both scorings)
+    moe_z_loss = z_loss_coef * mean(logsumexp(l)^2)       (only if z_loss_coef > 0)
+
+Parameter counts for the paper sizes without allocating: `moe_param_counts`
+(arithmetic; the tests check it against `nnx.eval_shape(lambda: MoE(...))`).
+
+Legend: B batch, T time, N = B*T tokens, D model width, E routed experts,
+k top_k, F expert hidden width, C expert capacity, A = N*k assignments.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlin.layers.base import Aux
+from jaxlin.layers.mlp import SwiGLU, swiglu_param_count
+
+f32 = jnp.float32
+SCORINGS = ("softmax_topk", "topk_softmax")
+DISPATCHES = ("dropless", "capacity")
+
+
+class Routing(NamedTuple):
+  """The router's decision for N tokens (all float32 / int32)."""
+  logits: jax.Array   # [N, E] router logits l
+  probs: jax.Array    # [N, E] softmax(l) over all experts
+  weights: jax.Array  # [N, k] combine weights w of the chosen experts
+  experts: jax.Array  # [N, k] int32 chosen experts, best first
+
+
+class ParamCounts(NamedTuple):
+  """Parameter counts of one MoE layer: all of them, and those one token uses."""
+  total: int
+  active: int
+
+
+# ----------------------------------------------------------------------------- helpers
+def _is_int(value: object) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_config(d_model: int, num_experts: int, top_k: int, expert_hidden_dim: int,
+                  scoring: str, num_shared_experts: int, shared_hidden_dim: int | None,
+                  shared_gate: bool, aux_loss_coef: float, z_loss_coef: float,
+                  dispatch: str, capacity_factor: float) -> None:
+  """Raises ValueError naming the argument, its value and what is allowed."""
+  for name, value in (("d_model", d_model), ("num_experts", num_experts),
+                      ("expert_hidden_dim", expert_hidden_dim)):
+    if not _is_int(value) or value < 1:
+      raise ValueError(f"{name}: got {value!r}; expected an int >= 1")
+  if not _is_int(top_k) or not 1 <= top_k <= num_experts:
+    raise ValueError(f"top_k: got {top_k!r}; expected an int in "
+                     f"[1, num_experts={num_experts}]")
+  if scoring not in SCORINGS:
+    raise ValueError(f"scoring: got {scoring!r}; expected one of {SCORINGS}")
+  if dispatch not in DISPATCHES:
+    raise ValueError(f"dispatch: got {dispatch!r}; expected one of {DISPATCHES}")
+  if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) \
+      or not capacity_factor > 0 or not math.isfinite(capacity_factor):
+    raise ValueError(f"capacity_factor: got {capacity_factor!r}; expected a finite "
+                     "number > 0 (capacity C = ceil(capacity_factor * tokens * "
+                     "top_k / num_experts))")
+  if not _is_int(num_shared_experts) or num_shared_experts < 0:
+    raise ValueError(f"num_shared_experts: got {num_shared_experts!r}; expected an "
+                     "int >= 0")
+  if shared_hidden_dim is not None and (not _is_int(shared_hidden_dim)
+                                        or shared_hidden_dim < 1):
+    raise ValueError(f"shared_hidden_dim: got {shared_hidden_dim!r}; expected None "
+                     "(= expert_hidden_dim) or an int >= 1")
+  if shared_gate and num_shared_experts == 0:
+    raise ValueError("shared_gate: got True with num_shared_experts=0; a gate "
+                     "needs shared experts (num_shared_experts >= 1)")
+  for name, value in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+      raise ValueError(f"{name}: got {value!r}; expected a number >= 0")
+
+
+def moe_param_counts(d_model: int, *, num_experts: int, top_k: int,
+                     expert_hidden_dim: int, num_shared_experts: int = 0,
+                     shared_hidden_dim: int | None = None,
+                     shared_gate: bool = False) -> ParamCounts:
+  """Parameters of one MoE layer from its constructor arguments (no allocation).
+
+      router  = D E
+      experts = E * 3 D F
+      shared  = 3 D (S F_s) + (D if shared_gate)
+      total   = router + experts + shared
+      active  = router + shared + k * 3 D F      (what one token computes with)
+
+  E.g. Linear-MoE A0.3B-2B (D 1024, E 64, k 8, F 896) per layer:
+  moe_param_counts(1024, num_experts=64, top_k=8, expert_hidden_dim=896).
+  """
+  fs = expert_hidden_dim if shared_hidden_dim is None else shared_hidden_dim
+  router = d_model * num_experts
+  expert = swiglu_param_count(d_model, expert_hidden_dim)
+  shared = (swiglu_param_count(d_model, num_shared_experts * fs) if num_shared_experts
+            else 0) + (d_model if shared_gate else 0)
+  return ParamCounts(total=router + num_experts * expert + shared,
+                     active=router + shared + top_k * expert)
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int,
+                    capacity_factor: float) -> int:
+  """C = min(N, ceil(capacity_factor * N * k / E)) (>= 1 for N >= 1).
+
+  The product is rounded to 9 decimals before the ceil so that e.g. 1.1 * 10
+  gives 11, not 12. No expert can take more than N assignments, hence the min.
+  """
+  raw = math.ceil(round(capacity_factor * num_tokens * top_k / num_experts, 9))
+  return max(1, min(num_tokens, raw))
+
+
+def route(logits: jax.Array, top_k: int, scoring: str) -> Routing:
+  """Top-k routing from float32 logits [N, E] (see the module docstring)."""
+  logits = logits.astype(f32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if scoring == "softmax_topk":
+    weights, experts = jax.lax.top_k(probs, top_k)
+  elif scoring == "topk_softmax":
+    top_logits, experts = jax.lax.top_k(logits, top_k)
+    weights = jax.nn.softmax(top_logits, axis=-1)
+  else:
+    raise ValueError(f"scoring: got {scoring!r}; expected one of {SCORINGS}")
+  return Routing(logits, probs, weights, experts.astype(jnp.int32))
+
+
+def load_balance_loss(routing: Routing, num_experts: int) -> jax.Array:
+  """Switch loss E * sum_e f_e P_e; f_e = share of the N*k assignments, P_e = mean p_e."""
+  counts = jnp.bincount(routing.experts.reshape(-1), length=num_experts)
+  fraction = counts.astype(f32) / routing.experts.size
+  return num_experts * jnp.sum(fraction * jnp.mean(routing.probs, axis=0))
+
+
+def router_z_loss(logits: jax.Array) -> jax.Array:
+  """mean over tokens of logsumexp(l)^2 (ST-MoE router z-loss)."""
+  return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(f32), axis=-1)))
+
+
+def _sort_by_expert(experts: jax.Array, num_experts: int
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Stable sort of the flat [A] assignments (token-major) by expert.
+
+  Returns order [A] (sorted position -> assignment), group_sizes [E] int32 and
+  rank [A] (each sorted assignment's position within its expert's group).
+  """
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  starts = jnp.cumsum(group_sizes) - group_sizes
+  rank = jnp.arange(flat.size, dtype=jnp.int32) - starts[flat[order]]
+  return order, group_sizes, rank
+
+
+def _experts_dropless(x: jax.Array, routing: Routing, w_gate: jax.Array,
+                      w_up: jax.Array, w_down: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """sum_j w_j f_{e_j}(x) for x [N, D] by grouped matmuls; float32 [N, D]."""
+  n, k = routing.experts.shape
+  order, group_sizes, _ = _sort_by_expert(routing.experts, w_gate.shape[0])
+  xs = x.astype(dtype)[order // k]                                      # [A, D]
+
+  def dot(a: jax.Array, w: jax.Array) -> jax.Array:   # [A, in] x [E, in, out] -> [A, out]
+    return jax.lax.ragged_dot(a, w.astype(dtype), group_sizes, preferred_element_type=f32)
+
+  h = (jax.nn.silu(dot(xs, w_gate)) * dot(xs, w_up)).astype(dtype)      # [A, F]
+  out_sorted = dot(h, w_down)                                           # [A, D]
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
+  out = out_sorted[inverse].reshape(n, k, -1)                           # [N, k, D]
+  return jnp.einsum("nkd,nk->nd", out, routing.weights)
+
+
+def _experts_capacity(x: jax.Array, routing: Routing, w_gate: jax.Array,
+                      w_up: jax.Array, w_down: jax.Array, dtype: jnp.dtype,
+                      capacity: int) -> tuple[jax.Array, jax.Array]:
+  """Capacity-limited experts for x [N, D]; returns (float32 [N, D], dropped fraction).
+
+  Assignment (n, j) gets slot e*C + r, r = its rank among expert e's assignments
+  in token order; r >= C is dropped and reads the zero row at slot E*C.
+  """
+  n, k = routing.experts.shape
+  num_experts, d = w_gate.shape[0], x.shape[-1]
+  order, _, rank_sorted = _sort_by_expert(routing.experts, num_experts)
+  rank = jnp.zeros_like(rank_sorted).at[order].set(rank_sorted)        # [A]
+  flat = routing.experts.reshape(-1)
+  kept = rank < capacity
+  dummy = num_experts * capacity
+  slot = jnp.where(kept, flat * capacity + rank, dummy)                 # [A]
+  token = jnp.arange(n * k, dtype=jnp.int32) // k
+  # slot -> token (n = the zero row for empty slots); the dummy slot is discarded
+  table = jnp.full((dummy + 1,), n, jnp.int32).at[slot].set(token)[:dummy]
+  x_pad = jnp.concatenate([x.astype(dtype), jnp.zeros((1, d), dtype)])
+  xe = x_pad[table].reshape(num_experts, capacity, d)                   # [E, C, D]
+
+  def mm(eq: str, a: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum(eq, a, w.astype(dtype), preferred_element_type=f32)
+
+  h = (jax.nn.silu(mm("ecd,edf->ecf", xe, w_gate))
+       * mm("ecd,edf->ecf", xe, w_up)).astype(dtype)                    # [E, C, F]
+  out = mm("ecf,efd->ecd", h, w_down).reshape(dummy, d)                 # [E*C, D]
+  out = jnp.concatenate([out, jnp.zeros((1, d), f32)])[slot]            # [A, D]
+  y = jnp.einsum("nkd,nk->nd", out.reshape(n, k, d), routing.weights)
+  return y, 1.0 - jnp.mean(kept.astype(f32))
+
+
+# ------------------------------------------------------------------------------- module
+class MoE(nnx.Module):
+  """Top-k Mixture of SwiGLU experts with optional shared experts.
+
+  y = sum_{j<k} w_j f_{e_j}(x) + g(x) f_shared(x) (module docstring for the
+  router, dispatch and losses). Parameters: router [D, E]; expert weights
+  stacked as w_gate, w_up [E, D, F] and w_down [E, F, D]; `shared` (a SwiGLU of
+  width S * shared_hidden_dim, or None); shared_gate_weight [D, 1] or None. All
+  initialised from N(0, init_std^2). Call: x [B, T, D] -> (y [B, T, D] in
+  `dtype`, aux).
+  """
+
+  def __init__(
+      self,
+      d_model: int,
+      *,
+      num_experts: int,
+      top_k: int,
+      expert_hidden_dim: int,
+      scoring: str = "softmax_topk",
+      num_shared_experts: int = 0,
+      shared_hidden_dim: int | None = None,
+      shared_gate: bool = False,
+      aux_loss_coef: float = 0.01,
+      z_loss_coef: float = 0.0,
+      dispatch: str = "dropless",
+      capacity_factor: float = 1.25,
+      dtype: jnp.dtype = f32,
+      param_dtype: jnp.dtype = f32,
+      rngs: nnx.Rngs,
+      init_std: float = 0.02,
+  ) -> None:
+    _check_config(d_model, num_experts, top_k, expert_hidden_dim, scoring,
+                  num_shared_experts, shared_hidden_dim, shared_gate, aux_loss_coef,
+                  z_loss_coef, dispatch, capacity_factor)
+    self.d_model = d_model
+    self.num_experts = num_experts
+    self.top_k = top_k
+    self.expert_hidden_dim = expert_hidden_dim
+    self.scoring = scoring
+    self.num_shared_experts = num_shared_experts
+    self.shared_hidden_dim = (expert_hidden_dim if shared_hidden_dim is None
+                              else shared_hidden_dim)
+    self.aux_loss_coef = float(aux_loss_coef)
+    self.z_loss_coef = float(z_loss_coef)
+    self.dispatch = dispatch
+    self.capacity_factor = float(capacity_factor)
+    self.dtype = dtype
+    init = jax.nn.initializers.normal(init_std)
+    e, d, f = num_experts, d_model, expert_hidden_dim
+    self.router = nnx.Param(init(rngs.params(), (d, e), param_dtype))
+    self.w_gate = nnx.Param(init(rngs.params(), (e, d, f), param_dtype))
+    self.w_up = nnx.Param(init(rngs.params(), (e, d, f), param_dtype))
+    self.w_down = nnx.Param(init(rngs.params(), (e, f, d), param_dtype))
+    self.shared = (SwiGLU(d, num_shared_experts * self.shared_hidden_dim, dtype=dtype,
+                          param_dtype=param_dtype, rngs=rngs, init_std=init_std)
+                   if num_shared_experts else None)
+    self.shared_gate_weight = (nnx.Param(init(rngs.params(), (d, 1), param_dtype))
+                               if shared_gate else None)
+
+  def route(self, x: jax.Array) -> Routing:
+    """Router decision for x [..., D] flattened to N tokens (float32 math)."""
+    x = x.reshape(-1, self.d_model).astype(f32)
+    logits = jnp.matmul(x, self.router[...].astype(f32), precision="highest")
+    return route(logits, self.top_k, self.scoring)
+
+  def capacity(self, num_tokens: int) -> int:
+    """Expert capacity C for a call with `num_tokens` = B*T tokens."""
+    return expert_capacity(num_tokens, self.num_experts, self.top_k, self.capacity_factor)
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, Aux]:
+    """x [B, T, D] -> (y [B, T, D], aux); y = sum_j w_j f_{e_j}(x) + g(x) f_s(x)."""
+    if x.ndim < 2 or x.shape[-1] != self.d_model:
+      raise ValueError(f"x: got shape {tuple(x.shape)}; expected [B, T, D] with "
+                       f"D = d_model = {self.d_model}")
+    flat = x.reshape(-1, self.d_model)
+    routing = self.route(flat)
+    weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
+    aux: Aux = {}
+    if self.dispatch == "dropless":
+      y = _experts_dropless(flat, routing, *weights, self.dtype)
+    else:
+      y, dropped = _experts_capacity(flat, routing, *weights, self.dtype,
+                                     self.capacity(flat.shape[0]))
+      aux["moe_dropped_fraction"] = dropped
+    if self.shared is not None:
+      shared_y, _ = self.shared(flat)
+      shared_y = shared_y.astype(f32)
+      if self.shared_gate_weight is not None:
+        gate_logit = jnp.matmul(flat.astype(f32), self.shared_gate_weight[...].astype(f32),
+                                precision="highest")
+        shared_y = jax.nn.sigmoid(gate_logit) * shared_y
+      y = y + shared_y
+    aux["moe_load_balance_loss"] = self.aux_loss_coef * load_balance_loss(
+        routing, self.num_experts)
+    if self.z_loss_coef > 0:
+      aux["moe_z_loss"] = self.z_loss_coef * router_z_loss(routing.logits)
+    return y.reshape(x.shape).astype(self.dtype), aux

@@ -7,3 +7,11 @@ from jaxlin import ops
 
 __all__ = ["ops"]
 __version__ = "0.1.0"
+
+# the model, its configuration and generation; `jaxlin.generate` is the module
+# (jaxlin.generate.generate(model, prompt, ...), sample_logits, filter_logits)
+from jaxlin import generate
+from jaxlin.config import ModelConfig
+from jaxlin.model import LanguageModel, count_parameters
+
+__all__ += ["LanguageModel", "ModelConfig", "count_parameters", "generate"]

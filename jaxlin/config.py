@@ -1,0 +1,315 @@
+"""`ModelConfig`: every choice that defines a `jaxlin.model.LanguageModel`.
+
+A hybrid model has `num_layers` residual blocks; block i has a token mixer of
+type `layer_types[i]` and a channel mixer (dense SwiGLU or MoE):
+
+    layer_types = (pattern * ceil(num_layers / len(pattern)))[:num_layers]
+    "L": linear attention (`linear_variant`) or MoM (mixer="mom")
+    "N": softmax attention (RoPE, GQA, optional sliding window)
+    block i is MoE  <=>  moe_every > 0 and (i + 1) % moe_every == 0
+
+e.g. pattern "LLLN", 8 layers -> L L L N L L L N; moe_every=2 -> MoE in blocks
+1, 3, 5, 7 (0-based), moe_every=1 -> every block.
+
+Dtypes are names: `param_dtype` (float32) and `dtype`, the compute dtype;
+dtype="auto" means bfloat16 on GPU/TPU and float32 on CPU, resolved by
+`ModelConfig.compute_dtype()` when the model is built.
+
+The two Linear-MoE paper sizes (DESIGN.md §9) are presets:
+`ModelConfig.preset("A0.3B-2B")`, `ModelConfig.preset("A1B-7B")`.
+
+Legend: D = d_model, H = num_heads, E = num_experts, F = hidden width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jaxlin.layers import feature_maps, linear_attention, moe, mom
+from jaxlin.ops import arguments
+from jaxlin.ops import attention as attention_ops
+
+LAYER_TYPES = ("L", "N")
+MIXERS = ("linear", "mom")
+IMPLS = tuple(arguments.IMPLS)  # of the linear ops
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+PARAM_DTYPES = ("float32", "bfloat16")
+QWEN2_VOCAB = 151936  # the "152k" vocabulary of the Linear-MoE paper (Qwen2 tokenizer)
+
+
+def _round_up(x: float, multiple: int) -> int:
+  """Smallest multiple of `multiple` that is >= x."""
+  return int(math.ceil(x / multiple) * multiple)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A hybrid linear / softmax language model with dense or MoE MLPs.
+
+  Defaults give a small pure-linear (GLA) model with dense MLPs. Widths left
+  None are derived: head_dim = D / H, num_kv_heads = H, mlp_hidden =
+  round_up(8 D / 3, 64), expert_hidden = shared_expert_hidden = mlp_hidden.
+  `linear_options` / `mom_options` / `moe_options` pass further keyword
+  arguments to the layer constructors unchanged.
+  """
+  # sizes
+  vocab_size: int = 256
+  d_model: int = 256                   # D
+  num_layers: int = 4
+  num_heads: int = 4                   # H, of every token mixer
+  num_kv_heads: int | None = None      # softmax GQA key/value heads (None: H)
+  head_dim: int | None = None          # softmax head dim (None: D / H)
+  # hybrid layout and token mixers
+  pattern: str = "L"                   # over {L, N}, repeated to num_layers
+  mixer: str = "linear"                # L blocks: "linear" (LinearAttention) or "mom"
+  linear_variant: str = "gla"          # a key of jaxlin.layers.linear_attention.VARIANTS
+  linear_head_dim: int | None = None   # L head dim (None: D / H)
+  feature_map: str | None = None       # None: the variant's own
+  use_short_conv: bool | None = None   # None: the variant's own (MoM: True)
+  conv_size: int = 4
+  chunk_size: int = 64                 # of the chunked ops: a multiple of 16 in [16, 256]
+  impl: str = "auto"                   # of the linear ops
+  linear_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  mom_core: str = "gla"                # "gla" or "gated_deltanet"
+  mom_num_memories: int = 4
+  mom_top_k: int = 2
+  mom_shared_memory: bool = True
+  mom_aux_coef: float = 0.01
+  mom_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  window: int | None = None            # softmax sliding window (None: full causal)
+  rope_theta: float = 10000.0
+  qk_norm: bool = False
+  attention_impl: str = "auto"         # of jaxlin.ops.dot_product_attention
+  # channel mixers
+  mlp_hidden: int | None = None        # dense SwiGLU width
+  moe_every: int = 0                   # 0: all dense; n: blocks with (i + 1) % n == 0 are MoE
+  num_experts: int = 8                 # E
+  moe_top_k: int = 2                   # k
+  expert_hidden: int | None = None     # F of a routed expert
+  num_shared_experts: int = 0
+  shared_expert_hidden: int | None = None
+  moe_scoring: str = "softmax_topk"    # Qwen2/DeepSeek; "topk_softmax": Mixtral
+  moe_shared_gate: bool = False        # sigmoid gate on the shared experts (Qwen2)
+  moe_dispatch: str = "dropless"       # or "capacity"
+  moe_capacity_factor: float = 1.25
+  moe_aux_coef: float = 0.01           # load-balancing loss coefficient
+  moe_z_coef: float = 0.001            # router z-loss coefficient
+  moe_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # embedding, numerics, init
+  tie_embeddings: bool = False
+  param_dtype: str = "float32"
+  dtype: str = "auto"                  # compute dtype; "auto": bf16 on GPU/TPU, f32 on CPU
+  remat: bool = False                  # nnx.remat every block (training forward)
+  init_std: float = 0.02               # N(0, std^2): embedding, head, MLP / MoE, softmax, MoM
+  norm_eps: float = 1e-6               # of the model's RMSNorms
+
+  def __post_init__(self) -> None:
+    for name in ("linear_options", "mom_options", "moe_options"):
+      value = getattr(self, name)
+      if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be a mapping of keyword arguments, got {value!r}")
+      # an immutable, hashable view: the config can be a static jit argument
+      object.__setattr__(self, name, _FrozenDict(value))
+    self.validate()
+
+  # ------------------------------------------------------------------ derived
+  @property
+  def layer_types(self) -> tuple[str, ...]:
+    """The pattern repeated to the depth: one of "L"/"N" per block."""
+    reps = -(-self.num_layers // len(self.pattern))
+    return tuple((self.pattern * reps)[:self.num_layers])
+
+  def is_moe_layer(self, index: int) -> bool:
+    """Whether block `index` (0-based) uses the MoE channel mixer."""
+    return self.moe_every > 0 and (index + 1) % self.moe_every == 0
+
+  @property
+  def moe_layers(self) -> tuple[int, ...]:
+    """Indices of the MoE blocks."""
+    return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
+
+  @property
+  def resolved_num_kv_heads(self) -> int:
+    """Softmax key/value heads (num_kv_heads, default H)."""
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  @property
+  def resolved_head_dim(self) -> int:
+    """Softmax head dim (head_dim, default D / H)."""
+    return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+  @property
+  def resolved_mlp_hidden(self) -> int:
+    """Dense SwiGLU width (mlp_hidden, default round_up(8 D / 3, 64))."""
+    return _round_up(8 * self.d_model / 3, 64) if self.mlp_hidden is None else self.mlp_hidden
+
+  @property
+  def resolved_expert_hidden(self) -> int:
+    """Routed expert width F (expert_hidden, default the dense width)."""
+    return self.resolved_mlp_hidden if self.expert_hidden is None else self.expert_hidden
+
+  @property
+  def resolved_shared_expert_hidden(self) -> int:
+    """Width of one shared expert (default F)."""
+    if self.shared_expert_hidden is None:
+      return self.resolved_expert_hidden
+    return self.shared_expert_hidden
+
+  def compute_dtype(self) -> jnp.dtype:
+    """The compute dtype; "auto": bfloat16 on GPU/TPU, float32 on CPU."""
+    if self.dtype == "auto":
+      return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    return jnp.dtype(self.dtype)
+
+  def parameter_dtype(self) -> jnp.dtype:
+    """The parameter dtype (float32 by default)."""
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **changes: Any) -> "ModelConfig":
+    """A copy with some fields changed (validated again)."""
+    return dataclasses.replace(self, **changes)
+
+  # --------------------------------------------------------------- validation
+  def validate(self) -> None:
+    """Raises ValueError naming the field, the value and what is allowed."""
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "conv_size",
+                 "mom_num_memories", "mom_top_k", "num_experts", "moe_top_k"):
+      _positive_int(name, getattr(self, name))
+    for name in ("num_kv_heads", "head_dim", "linear_head_dim", "window", "mlp_hidden",
+                 "expert_hidden", "shared_expert_hidden"):
+      if getattr(self, name) is not None:
+        _positive_int(name, getattr(self, name))
+    for name in ("moe_every", "num_shared_experts"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}={value!r}: expected an int >= 0")
+
+    if (isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int)
+        or not 16 <= self.chunk_size <= 256 or self.chunk_size % 16):
+      raise ValueError(f"chunk_size={self.chunk_size!r}; allowed: a multiple of 16 in "
+                       "[16, 256]")
+    if not isinstance(self.pattern, str) or not self.pattern:
+      raise ValueError(f"pattern={self.pattern!r}: expected a non-empty string over "
+                       f"{list(LAYER_TYPES)} (L linear, N softmax attention), e.g. 'LLLN'")
+    bad = sorted(set(self.pattern) - set(LAYER_TYPES))
+    if bad:
+      raise ValueError(f"pattern={self.pattern!r} has letters {bad}; allowed letters: "
+                       f"{list(LAYER_TYPES)} (L linear, N softmax attention), e.g. 'LLLN'")
+    _choice("mixer", self.mixer, MIXERS)
+    _choice("impl", self.impl, IMPLS)
+    _choice("dtype", self.dtype, DTYPES)
+    _choice("param_dtype", self.param_dtype, PARAM_DTYPES)
+
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(f"d_model={self.d_model} is not divisible by num_heads="
+                       f"{self.num_heads}; allowed: num_heads dividing d_model, or set head_dim")
+    if self.linear_head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(f"d_model={self.d_model} is not divisible by num_heads="
+                       f"{self.num_heads}; set linear_head_dim")
+    if self.num_heads % self.resolved_num_kv_heads:
+      divisors = [h for h in range(1, self.num_heads + 1) if self.num_heads % h == 0]
+      raise ValueError(f"num_kv_heads={self.num_kv_heads} does not divide num_heads="
+                       f"{self.num_heads}; allowed: {divisors}")
+    if "N" in self.layer_types:
+      if self.resolved_head_dim % 2:
+        raise ValueError(f"head_dim={self.resolved_head_dim} must be even for RoPE "
+                         "(softmax attention layers)")
+      _choice("attention_impl", self.attention_impl, tuple(attention_ops.IMPLS))
+    if "L" in self.layer_types:
+      if self.mixer == "linear":
+        _choice("linear_variant", self.linear_variant, tuple(linear_attention.VARIANTS))
+        if self.feature_map is not None:
+          _choice("feature_map", self.feature_map, tuple(feature_maps.FEATURE_MAPS))
+      else:
+        _choice("mom_core", self.mom_core, tuple(mom.CORES))
+        if self.mom_top_k > self.mom_num_memories:
+          raise ValueError(f"mom_top_k={self.mom_top_k} > mom_num_memories="
+                           f"{self.mom_num_memories}; allowed: 1..{self.mom_num_memories}")
+    if self.moe_every > self.num_layers:
+      raise ValueError(f"moe_every={self.moe_every} > num_layers={self.num_layers} gives no "
+                       f"MoE layer; allowed: 0 (dense) or 1..{self.num_layers}")
+    if self.moe_every:
+      if self.moe_top_k > self.num_experts:
+        raise ValueError(f"moe_top_k={self.moe_top_k} > num_experts={self.num_experts}; "
+                         f"allowed: 1..{self.num_experts}")
+      _choice("moe_scoring", self.moe_scoring, tuple(moe.SCORINGS))
+      _choice("moe_dispatch", self.moe_dispatch, tuple(moe.DISPATCHES))
+      if self.moe_shared_gate and not self.num_shared_experts:
+        raise ValueError("moe_shared_gate=True needs shared experts; allowed: "
+                         "num_shared_experts >= 1, or moe_shared_gate=False")
+      if not self.moe_capacity_factor > 0:
+        raise ValueError(f"moe_capacity_factor={self.moe_capacity_factor}: expected > 0")
+    for name in ("init_std", "moe_aux_coef", "moe_z_coef", "mom_aux_coef", "norm_eps"):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f"{name}={getattr(self, name)!r}: expected a float >= 0")
+    if not self.rope_theta > 0:
+      raise ValueError(f"rope_theta={self.rope_theta!r}: expected > 0")
+
+  # ------------------------------------------------------------ construction
+  @classmethod
+  def from_config_dict(cls, cfg: Any) -> "ModelConfig":
+    """From an `ml_collections.ConfigDict` (or a plain mapping) of field values.
+
+    An optional key `preset` names a preset ("A0.3B-2B", "A1B-7B", "tiny")
+    whose fields the other keys override. Unknown keys raise ValueError.
+    """
+    values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    preset = values.pop("preset", None)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+      raise ValueError(f"unknown ModelConfig keys {unknown}; allowed: {sorted(fields)} "
+                       "and 'preset'")
+    if preset is not None:
+      return cls.preset(preset, **values)
+    return cls(**values)
+
+  @classmethod
+  def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+    """A named preset (see PRESETS) with some fields overridden."""
+    _choice("preset", name, tuple(PRESETS))
+    return cls(**{**PRESETS[name], **overrides})
+
+
+class _FrozenDict(dict):
+  """A read-only, hashable dict (for the *_options fields)."""
+
+  def __hash__(self) -> int:  # type: ignore[override]
+    return hash(tuple(sorted((k, repr(v)) for k, v in self.items())))
+
+  def _readonly(self, *args: Any, **kwargs: Any) -> None:
+    raise TypeError("ModelConfig options are read-only; use ModelConfig.replace")
+
+  __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _readonly  # type: ignore
+
+
+def _positive_int(name: str, value: Any) -> None:
+  """Raises ValueError unless value is an int >= 1."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name}={value!r}: expected an int >= 1")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+  """Raises ValueError listing `allowed` unless value is one of them."""
+  if value not in allowed:
+    raise ValueError(f"unknown {name}={value!r}; allowed: {list(allowed)}")
+
+
+# The Linear-MoE paper sizes (arXiv 2503.05447; DESIGN.md §9): every block MoE,
+# 64 experts top-8, untied 152k (Qwen2) vocabulary, init std 0.008. The token
+# mixer defaults to pure GLA; override pattern / linear_variant for others.
+PRESETS: dict[str, dict[str, Any]] = {
+    "A0.3B-2B": dict(vocab_size=QWEN2_VOCAB, d_model=1024, num_layers=12, num_heads=8,
+                     moe_every=1, num_experts=64, moe_top_k=8, expert_hidden=896,
+                     tie_embeddings=False, init_std=0.008),
+    "A1B-7B": dict(vocab_size=QWEN2_VOCAB, d_model=2048, num_layers=16, num_heads=16,
+                   moe_every=1, num_experts=64, moe_top_k=8, expert_hidden=1024,
+                   tie_embeddings=False, init_std=0.008),
+    "tiny": dict(vocab_size=256, d_model=64, num_layers=4, num_heads=2, pattern="LLLN",
+                 moe_every=2, num_experts=4, moe_top_k=2, expert_hidden=64, mlp_hidden=128),
+}

@@ -43,7 +43,7 @@ from jaxlin.layers import feature_maps
 from jaxlin.layers import gates
 from jaxlin.layers.base import Cache, MixerOutput
 from jaxlin.layers.conv import ShortConv
-from jaxlin.layers.norm import GatedRMSNorm, RMSNorm
+from jaxlin.layers.norm import GatedRMSNorm, RMSNorm, l2_normalise
 from jaxlin.layers.rope import apply_rope
 
 f32 = jnp.float32
@@ -93,11 +93,6 @@ VARIANTS: dict[str, Variant] = {
     "comba": Variant("D", "mamba2", "identity", True, True, True, qk_l2norm=True,
                      removal=True, query_correction=True),
 }
-
-
-def _l2_normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """x / sqrt(sum(x^2) + eps) over the last axis (float32)."""
-  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
 def _positive_int(name: str, value: int) -> int:
@@ -329,7 +324,7 @@ class LinearAttention(nnx.Module):
       k = self.k_map(heads_of(parts[1]))
 
     if row.qk_l2norm:
-      q, k = _l2_normalise(q), _l2_normalise(k)
+      q, k = l2_normalise(q), l2_normalise(k)
     if self.correction is not None:
       q = q - self.correction[...].astype(f32)[:, None] * k
     if self.use_rope:

@@ -56,7 +56,7 @@ from jaxlin import ops
 from jaxlin.layers.base import Aux, Cache, MixerOutput
 from jaxlin.layers.conv import ShortConv
 from jaxlin.layers.gates import LowRankLogSigmoidGate, Mamba2Decay
-from jaxlin.layers.norm import GatedRMSNorm
+from jaxlin.layers.norm import GatedRMSNorm, l2_normalise
 from jaxlin.ops import arguments, documents
 
 f32 = jnp.float32
@@ -114,12 +114,6 @@ def load_balance_loss(probs: jax.Array, memories: jax.Array) -> jax.Array:
   f = jnp.mean(jax.nn.one_hot(memories, num, dtype=f32), axis=(0, 1, 2))
   p = jnp.mean(probs, axis=(0, 1))
   return num * jnp.sum(f * p)
-
-
-def _l2_normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """x / sqrt(sum(x^2) + eps) over the last axis, float32."""
-  x = x.astype(f32)
-  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
 class _Copies:
@@ -328,7 +322,7 @@ class MixtureOfMemories(nnx.Module):
     split = lambda a: a.reshape(batch, -1, heads, hd)
     q, k, v = split(q), split(k), split(v)
     if self.core == "gated_deltanet":
-      q, k = _l2_normalise(q).astype(v.dtype), _l2_normalise(k).astype(v.dtype)
+      q, k = l2_normalise(q).astype(v.dtype), l2_normalise(k).astype(v.dtype)
 
     if cache is None:
       o_sorted = self._core(q, k, v, g, beta, segment_ids=copies.seg)[0]

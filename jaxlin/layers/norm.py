@@ -2,6 +2,7 @@
 
     rmsnorm(x) = x / sqrt(mean(x^2) + eps) * w
     gated(x, z) = rmsnorm(x) * silu(z)
+    l2_normalise(x) = x / sqrt(sum(x^2) + eps)
 
 The gated form is the output gate of GLA, Mamba2 and Gated DeltaNet (the norm
 is applied before the gate). All math is float32; outputs take x's dtype.
@@ -23,6 +24,12 @@ def _rms_normalise(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   x = x.astype(f32)
   inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
   return x * inv_rms * weight.astype(f32)
+
+
+def l2_normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """x / sqrt(sum(x^2) + eps) over the last axis, in float32 (the delta-rule keys and queries)."""
+  x = x.astype(f32)
+  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
 class RMSNorm(nnx.Module):

@@ -270,6 +270,36 @@ class ModelConfig:
     return cls(**values)
 
   @classmethod
+  def config_dict(cls, preset: str | None = None, **overrides: Any) -> Any:
+    """Every field as an `ml_collections.ConfigDict` (for run configs), preset applied.
+
+    Fields whose value is None are typed placeholders (`FieldReference` of the
+    field's type), so `--config.model.window=128` works on a locked config.
+    `vocab_size=None` (the default without a preset) means "the data's
+    vocabulary" (jaxlin.train fills it in); a larger vocab_size pads it.
+    """
+    import ml_collections  # only run configs need it
+    if preset is not None:
+      _choice("preset", preset, tuple(PRESETS))
+    values = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+              for f in dataclasses.fields(cls)}
+    values["vocab_size"] = None
+    values.update(PRESETS[preset] if preset else {})
+    unknown = sorted(set(overrides) - set(values))
+    if unknown:
+      raise ValueError(f"unknown ModelConfig keys {unknown}; allowed: {sorted(values)}")
+    values.update(overrides)
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+      if value is None:
+        type_name = str(types[name]).split("|")[0].strip()
+        values[name] = ml_collections.FieldReference(
+            None, field_type={"int": int, "str": str, "bool": bool, "float": float}[type_name])
+      elif isinstance(value, Mapping):
+        values[name] = dict(value)
+    return ml_collections.ConfigDict(values)
+
+  @classmethod
   def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
     """A named preset (see PRESETS) with some fields overridden."""
     _choice("preset", name, tuple(PRESETS))

@@ -13,3 +13,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
+
+# configs/ is a top-level package of the repository (run.py imports it from the repository root)
+_REPO_DIR = os.path.dirname(_TESTS_DIR)
+if _REPO_DIR not in sys.path:
+    sys.path.insert(0, _REPO_DIR)

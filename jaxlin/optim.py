@@ -1,0 +1,90 @@
+"""The optimizer of `jaxlin.train`: AdamW, warmup + cosine schedule, clipping, decay mask.
+
+    lr(s) = peak * s / warmup                                  s <  warmup
+    lr(s) = end + (peak - end) * (1 + cos(pi * r)) / 2         r = (s - warmup) / (steps - warmup)
+
+    update = AdamW(clip_by_global_norm(g, grad_clip); b1, b2, eps, weight_decay * mask)
+
+Weight decay applies to the matrices (ndim >= 2: projections, experts, the
+embedding and head) and never to norms, biases or the parameters of a gate
+(anything under a module named in `NO_DECAY_MODULES`: decay gates such as
+Mamba2's A_log / dt_bias, RWKV6's bonus and token-shift mixes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+NO_DECAY_MODULES = frozenset({"gate", "bonus", "shift_mix"})
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The optimizer fields of a run config (`config.optimizer`)."""
+  c = ml_collections.ConfigDict()
+  c.learning_rate = 3e-3       # peak learning rate, reached after warmup_steps
+  c.end_learning_rate = 3e-4   # cosine decay ends here at the last step
+  c.warmup_steps = 100         # linear warmup from 0
+  c.b1 = 0.9                   # AdamW first-moment decay
+  c.b2 = 0.95                  # AdamW second-moment decay
+  c.eps = 1e-8                 # AdamW epsilon
+  c.weight_decay = 0.1         # decoupled, on matrices only (see decay_mask)
+  c.grad_clip = 1.0            # global-norm clipping; 0 disables
+  return c
+
+
+def validate(config: ml_collections.ConfigDict, num_steps: int) -> None:
+  """Raises ValueError naming the first invalid `optimizer.*` field."""
+  def check(name: str, ok: bool, allowed: str) -> None:
+    if not ok:
+      raise ValueError(f"optimizer.{name}={config[name]!r}: expected {allowed}")
+  check("learning_rate", config.learning_rate > 0, "> 0")
+  check("end_learning_rate", 0 <= config.end_learning_rate <= config.learning_rate,
+        f"in [0, learning_rate={config.learning_rate}]")
+  check("warmup_steps", 0 <= config.warmup_steps < num_steps,
+        f"an int in [0, train.num_steps={num_steps})")
+  check("b1", 0 <= config.b1 < 1, "in [0, 1)")
+  check("b2", 0 <= config.b2 < 1, "in [0, 1)")
+  check("eps", config.eps > 0, "> 0")
+  check("weight_decay", config.weight_decay >= 0, ">= 0")
+  check("grad_clip", config.grad_clip >= 0, ">= 0 (0 disables clipping)")
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  """Linear warmup to `learning_rate`, then cosine decay to `end_learning_rate` at num_steps."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
+      decay_steps=num_steps, end_value=config.end_learning_rate)
+
+
+def _path_names(path: tuple[Any, ...]) -> list[str]:
+  """The key names of a pytree path (dict keys, attribute names, sequence indices)."""
+  names = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        names.append(str(getattr(entry, attr)))
+        break
+  return names
+
+
+def decay_mask(params: Any) -> Any:
+  """True for the parameters that get weight decay: ndim >= 2 and not inside a gate module."""
+  def decays(path: tuple[Any, ...], leaf: jax.Array) -> bool:
+    return leaf.ndim >= 2 and not NO_DECAY_MODULES.intersection(_path_names(path))
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(AdamW with clipping and the decay mask, its learning-rate schedule)."""
+  validate(config, num_steps)
+  schedule = learning_rate_schedule(config, num_steps)
+  adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                      weight_decay=config.weight_decay, mask=decay_mask)
+  if config.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw), schedule
+  return adamw, schedule

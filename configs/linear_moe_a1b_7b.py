@@ -4,7 +4,8 @@
         --config.data.source=jsonl --config.data.paths='/data/corpus/*.jsonl' \
         --config.data.tokenizer=/models/qwen2/tokenizer.json --config.workdir=/ckpt/a1b_7b
 
-The paper's model and optimiser (DESIGN.md §9): GLA token mixers in every
+The paper's model and optimiser (DESIGN.md §9; everything but the model is
+shared with configs/linear_moe_a0_3b_2b.py): GLA token mixers in every
 block, MoE in every block (64 experts, top-8, no renormalisation), untied
 151,936-token (Qwen2) vocabulary, init std 0.008; AdamW (0.9, 0.95), weight
 decay 0.1, clipping 1.0, cosine 1e-4 -> 1e-5, sequence length 2048.
@@ -21,39 +22,13 @@ data parallelism is the only axis; on a single CPU it will not fit.
 
 import ml_collections
 
-from configs import default
+from configs import linear_moe_a0_3b_2b
 from jaxlin.config import ModelConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """The Linear-MoE A1B-7B model and optimiser."""
-  config = default.get_config()
+  """configs/linear_moe_a0_3b_2b.py (data, optimiser, schedule) with the A1B-7B model."""
+  config = linear_moe_a0_3b_2b.get_config()
   config.workdir = "/tmp/jaxlin/linear_moe_a1b_7b"
-
-  # Data
-  config.data.source = "jsonl"             # user data: set data.paths (and data.text_field)
-  config.data.tokenizer = "qwen2_tokenizer.json"  # a local Qwen2 tokenizer.json: set the path
-  config.data.seq_len = 2048
-  config.data.batch_size = 512             # 1M tokens per step
-  config.data.worker_count = 4
-
-  # Model
   config.model = ModelConfig.config_dict(preset="A1B-7B", linear_variant="gla", remat=True)
-
-  # Optimizer
-  config.optimizer.learning_rate = 1e-4
-  config.optimizer.end_learning_rate = 1e-5
-  config.optimizer.warmup_steps = 1000
-  config.optimizer.b1 = 0.9
-  config.optimizer.b2 = 0.95
-  config.optimizer.weight_decay = 0.1
-  config.optimizer.grad_clip = 1.0
-  config.train.num_steps = 20_000
-
-  # Checkpointing / Eval / Logging
-  config.checkpoint.every_steps = 1000
-  config.eval.every_steps = 1000
-  config.eval.num_batches = 16
-  config.logging.every_steps = 10
-  config.sample.prompt = "The"
   return config

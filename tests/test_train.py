@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 
 import jax
@@ -75,8 +76,9 @@ def test_loss_is_the_weighted_mean_cross_entropy() -> None:
   config = _model_config(moe_every=0)
   graphdef, params = steps.init_params(config, 0)
   batch = _batch()
-  ce_sum, correct, _ = steps.forward(graphdef, params, batch)
-  logits, _, _ = nnx.merge(graphdef, params)(batch["inputs"], segment_ids=batch["segment_ids"])
+  ce_sum, correct, _ = jax.jit(steps.forward, static_argnums=0)(graphdef, params, batch)
+  logits, _, _ = jax.jit(lambda p, b: nnx.merge(graphdef, p)(
+      b["inputs"], segment_ids=b["segment_ids"]))(params, batch)
   logits = np.asarray(logits, np.float64)
   log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   picked = np.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
@@ -147,10 +149,10 @@ def test_resume_after_sigterm_is_exact(straight_run, tmp_path, monkeypatch) -> N
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_mismatched_config_is_refused_and_checkpoints_kept(straight_run, tmp_path) -> None:
   straight_dir, _ = straight_run
   workdir = str(tmp_path / "copy")
-  import shutil
   shutil.copytree(straight_dir, workdir)
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   with pytest.raises(CheckpointMismatchError, match=r"(?s)q_proj/kernel: checkpoint \(32, 32\), "
@@ -159,10 +161,10 @@ def test_mismatched_config_is_refused_and_checkpoints_kept(straight_run, tmp_pat
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_gives_a_clear_error(straight_run, tmp_path) -> None:
   straight_dir, _ = straight_run
   workdir = str(tmp_path / "copy")
-  import shutil
   shutil.copytree(straight_dir, workdir)
   params_dir = os.path.join(workdir, "checkpoints", "8", "params")
   for root, _, files in os.walk(params_dir):  # damage every stored file of the newest step

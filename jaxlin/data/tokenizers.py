@@ -72,12 +72,29 @@ def _import(package: str, spec: str) -> Any:
     ) from e
 
 
-class HuggingFaceTokenizer(Tokenizer):
-  """A HuggingFace `tokenizers` tokenizer.json file."""
+class _FileTokenizer(Tokenizer):
+  """A tokenizer loaded from a local file; pickles as its path (grain workers reload it)."""
 
   def __init__(self, path: str):
     self.path = os.fspath(path)
     self._load()
+
+  def _load(self) -> None:
+    raise NotImplementedError
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {"path": self.path}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.path = state["path"]
+    self._load()
+
+  def __repr__(self) -> str:
+    return f"{type(self).__name__}({self.path!r})"
+
+
+class HuggingFaceTokenizer(_FileTokenizer):
+  """A HuggingFace `tokenizers` tokenizer.json file."""
 
   def _load(self) -> None:
     module = _import("tokenizers", self.path)
@@ -94,23 +111,10 @@ class HuggingFaceTokenizer(Tokenizer):
     """The text of `ids`, special tokens included."""
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
-  def __getstate__(self) -> dict[str, Any]:
-    return {"path": self.path}
-
-  def __setstate__(self, state: dict[str, Any]) -> None:
-    self.path = state["path"]
-    self._load()
-
-  def __repr__(self) -> str:
-    return f"HuggingFaceTokenizer({self.path!r})"
 
 
-class SentencePieceTokenizer(Tokenizer):
+class SentencePieceTokenizer(_FileTokenizer):
   """A sentencepiece .model file; `eos_id` is the model's EOS piece if it has one."""
-
-  def __init__(self, path: str):
-    self.path = os.fspath(path)
-    self._load()
 
   def _load(self) -> None:
     module = _import("sentencepiece", self.path)
@@ -127,15 +131,6 @@ class SentencePieceTokenizer(Tokenizer):
     """The text of the piece ids `ids`."""
     return self._sp.decode([int(i) for i in ids])
 
-  def __getstate__(self) -> dict[str, Any]:
-    return {"path": self.path}
-
-  def __setstate__(self, state: dict[str, Any]) -> None:
-    self.path = state["path"]
-    self._load()
-
-  def __repr__(self) -> str:
-    return f"SentencePieceTokenizer({self.path!r})"
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

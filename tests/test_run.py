@@ -28,6 +28,7 @@ def _run(workdir: str, *args: str, timeout: float = 300) -> subprocess.Completed
   return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # ~1.5-2 min: two subprocesses, each importing jax and compiling
 def test_train_then_sample_from_the_checkpoint(tmp_path) -> None:
   workdir = str(tmp_path)
   done = _run(workdir, "--config.train.num_steps=12", "--config.checkpoint.every_steps=6",

@@ -35,11 +35,6 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def model_from_params(graphdef: nnx.GraphDef, params: Any) -> nnx.Module:
-  """The nnx model of (graphdef, pure-dict parameters)."""
-  return nnx.merge(graphdef, params)
-
-
 def sample_text(model: nnx.Module, tokenizer: Any, config: ml_collections.ConfigDict, *,
                 seed: int = 0, prompt: str | None = None) -> list[str]:
   """`config.num_samples` continuations (prompt included) of `prompt` (default config.prompt)."""
@@ -92,5 +87,5 @@ def from_checkpoint(config: ml_collections.ConfigDict, *, prompt: str | None = N
                                 model_fields=dataclasses.asdict(model_config))
   params = checkpointer.restore(step, abstract_params=abstract_params)["params"]
   checkpointer.close()
-  model = model_from_params(graphdef, params)
+  model = nnx.merge(graphdef, params)
   return step, sample_text(model, tokenizer, config.sample, seed=config.seed, prompt=prompt)

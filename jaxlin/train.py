@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlin import data as data_lib
@@ -308,7 +309,7 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
     if primary:
       plot.plot_losses(workdir)
       if interrupted is None and config.sample.num_samples > 0 and config.data.source != "mqar":
-        model = sample.model_from_params(graphdef, state.params)
+        model = nnx.merge(graphdef, state.params)
         result.samples = sample.sample_text(model, dataset.tokenizer, config.sample,
                                             seed=config.seed)
         sample.write_samples(workdir, step, result.samples)

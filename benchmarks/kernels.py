@@ -166,7 +166,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--impls", nargs="+", default=["pallas", "xla", "fla"])
   p.add_argument("--runs", type=int, default=10)
   p.add_argument("--block-v", type=int, nargs="*", default=[],
-                 help="also time the kernel with these BlockSizes.block_v (impl 'pallas:bv:warps')")
+                 help="also time the kernel with these BlockSizes.block_v "
+                      "(impl 'pallas:block_v:block_k:warps')")
+  p.add_argument("--block-k", type=int, nargs="*", default=[64],
+                 help="with --block-v: BlockSizes.block_k values to try (gated family)")
   p.add_argument("--num-warps", type=int, nargs="*", default=[4],
                  help="with --block-v: Triton num_warps values to try")
   p.add_argument("--quick", action="store_true", help="B=1 H=2 K=V=64 T=128, 3 runs")
@@ -181,11 +184,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parse_args(argv)
   dtype = jnp.dtype(args.dtype)
   impls = [i for i in args.impls if i != "fla" or fla_available()]
-  impls += [f"pallas:{bv}:{w}" for bv in args.block_v for w in args.num_warps]
+  impls += [f"pallas:{bv}:{bk}:{w}" for bv in args.block_v for bk in args.block_k
+            for w in args.num_warps]
   if "fla" in args.impls and "fla" not in impls:
     print("fla (fla-core with torch+CUDA) not importable: fla rows skipped")
   result = {"environment": op_benchmark.environment(), "args": vars(args), "rows": []}
-  print(f"{'case':15} {'T':>6} {'impl':13} {'pass':17} {'ms':>9} {'TFLOP/s':>8} {'vs pallas':>9}")
+  print(f"{'case':15} {'T':>6} {'impl':16} {'pass':17} {'ms':>9} {'TFLOP/s':>8} {'vs pallas':>9}")
   for time_ in args.T:
     for case in args.cases:
       inputs = make_inputs(case, args.B, time_, args.H, args.K, args.V)
@@ -196,14 +200,14 @@ def main(argv: Sequence[str] | None = None) -> None:
           if impl == "fla":
             timings[impl] = time_fla(case, inputs, args.runs)
           elif impl.startswith("pallas:"):
-            _, bv, warps = impl.split(":")
-            blocks = BlockSizes(block_v=int(bv), num_warps=int(warps))
+            _, bv, bk, warps = impl.split(":")
+            blocks = BlockSizes(block_v=int(bv), block_k=int(bk), num_warps=int(warps))
             timings[impl] = time_jax(case, "pallas", inputs, dtype, args.runs,
                                      KernelOptions(block_sizes=blocks))
           else:
             timings[impl] = time_jax(case, impl, inputs, dtype, args.runs)
         except Exception as e:  # pylint: disable=broad-except  (report and go on)
-          print(f"{case:15} {time_:6} {impl:13} failed: {type(e).__name__}: {e}"[:400])
+          print(f"{case:15} {time_:6} {impl:16} failed: {type(e).__name__}: {e}"[:400])
           continue
         for pass_, seconds in timings[impl].items():
           total = flops * (3 if pass_ == "forward+backward" else 1)
@@ -213,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                  "time_over_pallas": None if base is None else seconds / base}
           result["rows"].append(row)
           ratio = "" if base is None else f"{seconds / base:9.2f}"
-          print(f"{case:15} {time_:6} {impl:13} {pass_:17} {seconds * 1e3:9.3f} "
+          print(f"{case:15} {time_:6} {impl:16} {pass_:17} {seconds * 1e3:9.3f} "
                 f"{row['model_tflops']:8.2f} {ratio}", flush=True)
         pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.out).write_text(json.dumps(result, indent=1))

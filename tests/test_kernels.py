@@ -22,9 +22,10 @@ from pallas_kernels.dispatch import KernelOptions
 
 G, D = h.G_FAMILY, h.D_FAMILY
 PLATFORMS = ("gpu", "tpu")
-# Smallest dims each kernel takes; on GPU two value blocks, so partial sums over V are exercised.
-DIMS = {"gpu": dict(K=16, V=32), "tpu": dict(K=64, V=64)}
-BLOCKS = {"gpu": BlockSizes(block_v=16), "tpu": BlockSizes(block_v=64)}
+# Small dims each kernel takes; on GPU two key and two value blocks, so the split state
+# kernels and the partial sums over V are exercised.
+DIMS = {"gpu": dict(K=32, V=32), "tpu": dict(K=64, V=64)}
+BLOCKS = {"gpu": BlockSizes(block_v=16, block_k=16), "tpu": BlockSizes(block_v=64)}
 
 
 def _options(platform: str) -> KernelOptions:
@@ -155,7 +156,9 @@ def test_block_sizes_are_checked() -> None:
     BlockSizes(block_v=64).check("tpu", 256)
   with pytest.raises(ValueError, match="must divide"):
     BlockSizes(block_v=64).check("gpu", 96)
-  assert BlockSizes.default("gpu", 256, 128) == BlockSizes(block_v=64, num_warps=8)
-  assert BlockSizes.default("gpu", 128, 128) == BlockSizes(block_v=64, num_warps=4)
+  assert BlockSizes.default("gpu", 256, 128) == BlockSizes(block_v=64, block_k=64, num_warps=8)
+  assert BlockSizes.default("gpu", 128, 128) == BlockSizes(block_v=64, block_k=64, num_warps=4)
+  with pytest.raises(ValueError, match="block_k"):
+    BlockSizes(block_v=64, block_k=24).check("gpu", 64)
   assert BlockSizes.default("gpu", 128, 128, delta=True).num_warps == 8
   assert BlockSizes.default("tpu", 128, 128).block_v == 128

@@ -2,8 +2,10 @@
 
 The state S [K, V] of one (batch, head) is split along V into independent
 column blocks of `block_v` (the recurrence never mixes value columns), so one
-program holds a [K, block_v] float32 state on chip. K is never split: the
-delta rule needs whole columns of S for W = U - W_k S.
+program holds a [K, block_v] float32 state on chip. The GPU state kernels of
+the gated family also split K into row blocks of `block_k` (their state rows
+are independent); the delta rule needs whole columns of S for W = U - W_k S,
+and the TPU kernel fuses the outputs (Q S sums over K), so both take all of K.
 """
 
 from __future__ import annotations
@@ -17,32 +19,42 @@ class BlockSizes:
 
   block_v: value columns per program (a power of two on GPU; a multiple of
     128, or all of V, on TPU).
+  block_k: key rows per program of the GPU gated-family state kernels (a power
+    of two); None: all of K.
   num_warps, num_stages: Triton launch parameters (GPU only).
   """
   block_v: int
+  block_k: int | None = None
   num_warps: int = 4
   num_stages: int = 1
+
+  def key_block(self, key_dim: int) -> int:
+    """Key rows per program of a gated-family GPU state kernel."""
+    return key_dim if self.block_k is None else min(self.block_k, key_dim)
 
   @classmethod
   def default(cls, platform: str, key_dim: int, value_dim: int,
               delta: bool = False) -> "BlockSizes":
-    """The defaults: on GPU a [K, 64] state, 8 warps for the delta rule (its extra W_k S
-    product) or K = 256; on TPU all of V up to 256.
+    """The defaults: on GPU [64, 64] state blocks (the delta rule takes all of K), 8 warps
+    for the delta rule or K = 256; on TPU all of V up to 256.
 
-    Measured on an H100 (B=4 T=8192 H=16 K=V=128 bf16, `benchmarks/kernels.py --block-v`),
-    forward+backward: simple GLA 6.32 ms at (64, 4 warps) against 6.39-7.61 ms for block_v
-    32 / 128 with 4 or 8 warps; Gated DeltaNet 12.57 ms at (64, 8) against 14.39 at (64, 4)
-    and 14.49 at (32, 8).
+    Measured on an H100 (B=4 T=8192 H=16 K=V=128 bf16, `benchmarks/kernels.py --block-v 64 128
+    --block-k 64 128 --num-warps 4 8`): simple GLA forward+backward stayed within 4.18-4.47 ms
+    over the eight settings (the state kernels are not the bottleneck); the delta rule's 8 warps
+    come from the earlier fused kernel (12.57 ms at 8 warps against 14.39 ms at 4).
     """
     if platform == "tpu":
       return cls(block_v=value_dim if value_dim <= 256 else 256)
     block_v = min(value_dim, 64)
-    return cls(block_v=block_v, num_warps=8 if (delta or key_dim >= 256) else 4)
+    return cls(block_v=block_v, block_k=64,
+               num_warps=8 if (delta or key_dim >= 256) else 4)
 
   def check(self, platform: str, value_dim: int) -> None:
     """Raises ValueError when the blocks cannot tile V on `platform`."""
     if value_dim % self.block_v:
       raise ValueError(f"block_v={self.block_v} must divide V={value_dim}")
+    if self.block_k is not None and (self.block_k < 16 or self.block_k & (self.block_k - 1)):
+      raise ValueError(f"block_k={self.block_k}: expected a power of two >= 16, or None")
     if platform == "gpu" and self.block_v & (self.block_v - 1):
       raise ValueError(f"block_v={self.block_v}: Triton needs a power of two")
     if platform == "tpu" and self.block_v != value_dim and self.block_v % 128:

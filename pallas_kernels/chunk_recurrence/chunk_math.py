@@ -27,12 +27,16 @@ import jax.numpy as jnp
 f32 = jnp.float32
 
 
-def _dot(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+def dot(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
   """a @ b with optional transposes, float32 accumulation (full precision for f32)."""
   contract = ((0 if trans_a else 1,), (1 if trans_b else 0,))
-  precision = jax.lax.Precision.HIGHEST if a.dtype == f32 else None
-  return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+  return jax.lax.dot_general(a, b, (contract, ((), ())), precision=highest(a.dtype),
                              preferred_element_type=f32)
+
+
+def highest(dtype: jnp.dtype) -> jax.lax.Precision | None:
+  """Full float32 precision for float32 operands (no TF32), the default otherwise."""
+  return jax.lax.Precision.HIGHEST if dtype == f32 else None
 
 
 def forward_chunk(state: jax.Array, q_in: jax.Array, k_out: jax.Array, scores: jax.Array,
@@ -43,10 +47,10 @@ def forward_chunk(state: jax.Array, q_in: jax.Array, k_out: jax.Array, scores: j
   state_mm = state.astype(mm)
   w = values.astype(f32)
   if w_k is not None:
-    w = w - _dot(w_k, state_mm)
+    w = w - dot(w_k, state_mm)
   w_mm = w.astype(mm)
-  o = _dot(q_in, state_mm) + _dot(scores, w_mm)
-  new_state = decay.reshape(-1, 1) * state + _dot(k_out, w_mm, trans_a=True)
+  o = dot(q_in, state_mm) + dot(scores, w_mm)
+  new_state = decay.reshape(-1, 1) * state + dot(k_out, w_mm, trans_a=True)
   return o, new_state
 
 
@@ -61,17 +65,17 @@ def backward_chunk(state: jax.Array, d_state: jax.Array, d_o: jax.Array, q_in: j
   state_mm = state.astype(mm)
   w = values.astype(f32)
   if w_k is not None:
-    w = w - _dot(w_k, state_mm)
+    w = w - dot(w_k, state_mm)
   w_mm, d_o_mm, d_state_mm = w.astype(mm), d_o.astype(mm), d_state.astype(mm)
-  d_w = _dot(scores, d_o_mm, trans_a=True) + _dot(k_out, d_state_mm)
+  d_w = dot(scores, d_o_mm, trans_a=True) + dot(k_out, d_state_mm)
   d_w_mm = d_w.astype(mm)
-  d_q_in = _dot(d_o_mm, state_mm, trans_b=True)
-  d_scores = _dot(d_o_mm, w_mm, trans_b=True)
-  d_k_out = _dot(w_mm, d_state_mm, trans_b=True)
+  d_q_in = dot(d_o_mm, state_mm, trans_b=True)
+  d_scores = dot(d_o_mm, w_mm, trans_b=True)
+  d_k_out = dot(w_mm, d_state_mm, trans_b=True)
   d_decay = jnp.sum(d_state * state, axis=1).reshape(1, -1)
-  d_prev = decay.reshape(-1, 1) * d_state + _dot(q_in, d_o_mm, trans_a=True)
+  d_prev = decay.reshape(-1, 1) * d_state + dot(q_in, d_o_mm, trans_a=True)
   d_w_k = None
   if w_k is not None:
-    d_w_k = -_dot(d_w_mm, state_mm, trans_b=True)
-    d_prev = d_prev - _dot(w_k, d_w_mm, trans_a=True)
+    d_w_k = -dot(d_w_mm, state_mm, trans_b=True)
+    d_prev = d_prev - dot(w_k, d_w_mm, trans_a=True)
   return d_q_in, d_k_out, d_scores, d_w, d_w_k, d_decay, d_prev

@@ -8,9 +8,10 @@ For every row r (a batch*head pair) and chunk n, with S_0 = initial_state:
 
 Both op families reduce to this once their per-chunk terms are formed in XLA
 (`pallas_kernels.gated`, `pallas_kernels.delta`). `jax.grad` does not pass
-through `pallas_call`, so the gradient is a second kernel that walks the chunks
-backwards (`chunk_math.backward_chunk`); the forward stores the state entering
-each chunk for it.
+through `pallas_call`, so each platform module gives a `forward` returning
+(o, final state, residuals) and a `backward` walking the chunks in reverse:
+on TPU one fused kernel per direction (`tpu.py`), on GPU a sequential state
+kernel plus chunk-parallel outputs and gradients (`gpu.py`).
 
 Legend: R rows, N chunks, C chunk length, K key dim, V value dim.
 """
@@ -42,7 +43,8 @@ def chunk_recurrence(q_in: jax.Array, k_out: jax.Array, scores: jax.Array, value
     blocks: tiling; default `BlockSizes.default(platform, K, V, delta=w_k is not None)`.
     interpret: run the kernel in the Pallas interpreter (CPU tests).
   Returns:
-    (o [R, N, C, V] float32, final state [R, K, V] float32).
+    (o [R, N, C, V] in the matmul dtype (rounded once from float32 accumulation),
+     final state [R, K, V] float32).
   """
   if platform not in PLATFORMS:
     raise ValueError(f"platform: got {platform!r}; expected one of {sorted(PLATFORMS)}")
@@ -56,33 +58,23 @@ def chunk_recurrence(q_in: jax.Array, k_out: jax.Array, scores: jax.Array, value
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _recurrence(platform, blocks, interpret, q_in, k_out, scores, values, w_k, decay,
                 initial_state):
-  o, _, final = PLATFORMS[platform].forward(q_in, k_out, scores, values, w_k, decay,
+  o, final, _ = PLATFORMS[platform].forward(q_in, k_out, scores, values, w_k, decay,
                                             initial_state, blocks=blocks, interpret=interpret)
   return o, final
 
 
 def _recurrence_fwd(platform, blocks, interpret, q_in, k_out, scores, values, w_k, decay,
                     initial_state):
-  o, states, final = PLATFORMS[platform].forward(
+  o, final, residuals = PLATFORMS[platform].forward(
       q_in, k_out, scores, values, w_k, decay, initial_state, blocks=blocks,
       interpret=interpret)
-  return (o, final), (q_in, k_out, scores, values, w_k, decay, states)
+  return (o, final), residuals
 
 
 def _recurrence_bwd(platform, blocks, interpret, residuals, grads):
-  q_in, k_out, scores, values, w_k, decay, states = residuals
   d_o, d_final = grads
-  outs = PLATFORMS[platform].backward(
-      q_in, k_out, scores, values, w_k, decay, states, d_o, d_final, blocks=blocks,
-      interpret=interpret)
-  d_q, d_k, d_a, d_u = outs[:4]
-  d_wk = outs[4] if w_k is not None else None
-  d_decay, d_h0 = outs[-2:]
-  total = lambda x: jnp.sum(x, axis=1)            # over value blocks
-  cast = lambda g, x: g.astype(x.dtype)
-  return (cast(total(d_q), q_in), cast(total(d_k), k_out), cast(total(d_a), scores),
-          cast(d_u, values), None if w_k is None else cast(total(d_wk), w_k),
-          cast(total(d_decay), decay), d_h0)
+  return PLATFORMS[platform].backward(residuals, d_o, d_final, blocks=blocks,
+                                      interpret=interpret)
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)

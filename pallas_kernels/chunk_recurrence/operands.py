@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax
+
 
 def present(pairs: Sequence[tuple[Any, Any]]) -> tuple[list, list]:
   """(arrays, specs) of the (array, spec) pairs whose array is not None."""
@@ -18,3 +20,9 @@ def with_absent(refs: Sequence[Any], flags: Sequence[bool]) -> list:
   full = [next(it) if flag else None for flag in flags]
   assert next(it, None) is None, "more refs than operands"
   return full
+
+
+def cast_like(grads: Sequence[jax.Array | None],
+              like: Sequence[jax.Array | None]) -> tuple[jax.Array | None, ...]:
+  """Each gradient in its primal's dtype (None stays None)."""
+  return tuple(None if g is None else g.astype(x.dtype) for g, x in zip(grads, like))

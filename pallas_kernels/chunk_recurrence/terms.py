@@ -21,7 +21,7 @@ def run_terms(q_in: jax.Array, k_out: jax.Array, scores: jax.Array, values: jax.
 
   decay: [B, H, N] (one value per chunk) or [B, H, N, K]; initial_state
   [B, H, K, V] float32. Matmul operands are cast to `matmul_dtype`.
-  Returns (o [B, H, N, C, V] float32, final state [B, H, K, V] float32).
+  Returns (o [B, H, N, C, V] in `matmul_dtype`, final state [B, H, K, V] float32).
   """
   batch, heads, num, chunk, key_dim = q_in.shape
   value_dim = values.shape[-1]

@@ -23,7 +23,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.chunk_recurrence import chunk_math
 from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
-from pallas_kernels.chunk_recurrence.operands import present, with_absent
+from pallas_kernels.chunk_recurrence.operands import cast_like, present, with_absent
 
 f32 = jnp.float32
 Chunk = Callable[[jax.Array], jax.Array]
@@ -66,8 +66,30 @@ def _params() -> pltpu.CompilerParams:
 
 def forward(q_in: jax.Array, k_out: jax.Array, scores: jax.Array, values: jax.Array,
             w_k: jax.Array | None, decay: jax.Array, initial_state: jax.Array, *,
-            blocks: BlockSizes, interpret: bool = False) -> tuple[jax.Array, ...]:
-  """(o [R,N,C,V] f32, states [R,N,K,V] f32, final [R,K,V] f32); see chunk_math."""
+            blocks: BlockSizes, interpret: bool = False) -> tuple[jax.Array, jax.Array, tuple]:
+  """(o [R,N,C,V] in the matmul dtype, final [R,K,V] f32, residuals for `backward`)."""
+  o, states, final = _forward_kernel(q_in, k_out, scores, values, w_k, decay, initial_state,
+                                     blocks=blocks, interpret=interpret)
+  return o, final, (q_in, k_out, scores, values, w_k, decay, states)
+
+
+def backward(residuals: tuple, d_o: jax.Array, d_final: jax.Array, *, blocks: BlockSizes,
+             interpret: bool = False) -> tuple[jax.Array | None, ...]:
+  """Gradients of (q_in, k_out, scores, values, w_k, decay, initial_state)."""
+  q_in, k_out, scores, values, w_k, decay, states = residuals
+  d_q, d_k, d_a, d_u, *d_wk, d_decay, d_h0 = _backward_kernel(
+      q_in, k_out, scores, values, w_k, decay, states, d_o, d_final, blocks=blocks,
+      interpret=interpret)
+  total = lambda x: jnp.sum(x, axis=1)            # over value blocks
+  grads = (total(d_q), total(d_k), total(d_a), d_u, total(d_wk[0]) if d_wk else None,
+           total(d_decay))
+  return (*cast_like(grads, (q_in, k_out, scores, values, w_k, decay)), d_h0)
+
+
+def _forward_kernel(q_in: jax.Array, k_out: jax.Array, scores: jax.Array, values: jax.Array,
+                    w_k: jax.Array | None, decay: jax.Array, initial_state: jax.Array, *,
+                    blocks: BlockSizes, interpret: bool = False) -> tuple[jax.Array, ...]:
+  """(o [R,N,C,V] in the matmul dtype, states [R,N,K,V] f32, final [R,K,V] f32)."""
   rows, num, chunk, key_dim = q_in.shape
   value_dim, bv = values.shape[-1], blocks.block_v
   has_wk = w_k is not None
@@ -87,7 +109,7 @@ def forward(q_in: jax.Array, k_out: jax.Array, scores: jax.Array, values: jax.Ar
     o, state = chunk_math.forward_chunk(
         state, q_ref[...], k_ref[...], a_ref[...], u_ref[...],
         None if wk_ref is None else wk_ref[...], d_ref[...])
-    o_ref[...] = o
+    o_ref[...] = o.astype(o_ref.dtype)
     state_ref[...] = state
 
     @pl.when(c == num - 1)
@@ -102,7 +124,7 @@ def forward(q_in: jax.Array, k_out: jax.Array, scores: jax.Array, values: jax.Ar
       in_specs=in_specs,
       out_specs=[_chunk_spec(same, chunk, bv, value_block=True),
                  _chunk_spec(same, key_dim, bv, value_block=True), _state_spec(key_dim, bv)],
-      out_shape=[jax.ShapeDtypeStruct((rows, num, chunk, value_dim), f32),
+      out_shape=[jax.ShapeDtypeStruct((rows, num, chunk, value_dim), q_in.dtype),
                  jax.ShapeDtypeStruct((rows, num, key_dim, value_dim), f32),
                  jax.ShapeDtypeStruct((rows, key_dim, value_dim), f32)],
       scratch_shapes=[pltpu.VMEM((key_dim, bv), f32)],
@@ -112,11 +134,13 @@ def forward(q_in: jax.Array, k_out: jax.Array, scores: jax.Array, values: jax.Ar
   )(*inputs)
 
 
-def backward(q_in: jax.Array, k_out: jax.Array, scores: jax.Array, values: jax.Array,
-             w_k: jax.Array | None, decay: jax.Array, states: jax.Array, d_o: jax.Array,
-             d_final: jax.Array, *, blocks: BlockSizes,
-             interpret: bool = False) -> tuple[jax.Array, ...]:
-  """Gradients, as `gpu.backward`; the grid walks the chunks from last to first."""
+def _backward_kernel(q_in: jax.Array, k_out: jax.Array, scores: jax.Array, values: jax.Array,
+                     w_k: jax.Array | None, decay: jax.Array, states: jax.Array, d_o: jax.Array,
+                     d_final: jax.Array, *, blocks: BlockSizes,
+                     interpret: bool = False) -> tuple[jax.Array, ...]:
+  """Gradients (dQ_in, dK_out, dA, dW_k: [R,P,N,...] partial sums over the P value blocks;
+  dU [R,N,C,V]; dd [R,P,N,1,K]; dS_0 [R,K,V]), all float32; the grid walks the chunks
+  from last to first."""
   rows, num, chunk, key_dim = q_in.shape
   value_dim, bv = values.shape[-1], blocks.block_v
   parts = value_dim // bv

@@ -28,7 +28,7 @@ def chunked(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Ar
             segment_ids: jax.Array | None, *, matmul_dtype: jnp.dtype, platform: str,
             options: dispatch.KernelOptions) -> tuple[jax.Array, jax.Array]:
   """The D recurrence through the kernel; arguments as `delta._chunked` (float32,
-  q scaled). Returns (o [B, T, H, V] float32, final state [B, H, K, V])."""
+  q scaled). Returns (o [B, T, H, V] in `matmul_dtype`, final state [B, H, K, V])."""
   time = q.shape[1]
   terms = delta.chunk_terms(q, k, v, beta, g, p, b, segment_ids, dispatch.kernel_chunk(time))
   o, final = run_terms(terms.q_in, terms.k_out, terms.scores, terms.values, terms.w_k,

@@ -1,0 +1,98 @@
+"""Where the Pallas path's time goes: the XLA in-chunk terms vs the recurrence kernel.
+
+Usage: python benchmarks/kernel_breakdown.py [--T 8192] [--cases simple_gla gated_deltanet]
+
+For each case, forward+backward milliseconds of
+  whole     the op with impl="pallas" (terms in XLA + kernel), gradient of sum(o * do)
+  terms     only the in-chunk terms (`chunk_terms`), gradient of a random projection of them
+  kernel    only `chunk_recurrence` on precomputed terms, gradient of sum(o * do)
+  inverse   (delta rule) only the UT transform's (I + L)^-1 on [B, H, N, C, C], its gradient
+Shapes and inputs as benchmarks/kernels.py. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import kernels as kb  # noqa: E402
+import ops as op_benchmark  # noqa: E402
+from jaxlin.ops import delta, gated, triangular  # noqa: E402
+from pallas_kernels.chunk_recurrence import chunk_recurrence  # noqa: E402
+
+
+def _terms_fn(case: str):
+  def terms(x):
+    q = x["q"].astype(jnp.float32) * x["q"].shape[-1] ** -0.5
+    k, v = x["k"].astype(jnp.float32), x["v"].astype(jnp.float32)
+    if case == "gated_deltanet":
+      t = delta.chunk_terms(q, k, v, x["beta"], x["g"], k, x["beta"], None, kb.CHUNK)
+      return [t.q_in, t.k_out, t.scores, t.values, t.w_k, t.decay]
+    t = gated.chunk_terms(q, k, v, x["g"], None, None, kb.CHUNK)
+    return [t.q_in, t.k_out, t.scores, t.values, t.decay]
+  return terms
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--T", type=int, default=8192)
+  p.add_argument("--cases", nargs="+", default=["simple_gla", "gated_deltanet"])
+  p.add_argument("--runs", type=int, default=10)
+  p.add_argument("--out", default="/tmp/kernel_breakdown.json")
+  args = p.parse_args()
+  rows = []
+  for case in args.cases:
+    inputs = kb.make_inputs(case, 4, args.T, 16, 128, 128)
+    x = {n: jnp.asarray(a, jnp.bfloat16 if n in ("q", "k", "v") else jnp.float32)
+         for n, a in inputs.items() if n != "do"}
+    do = jnp.asarray(inputs["do"])
+    timing = {}
+    timing["whole"] = kb.time_jax(case, "pallas", inputs, jnp.bfloat16, args.runs)["forward+backward"]
+
+    terms = _terms_fn(case)
+    outs = jax.jit(terms)(x)
+    cots = [jnp.ones_like(o) for o in outs]
+    loss = lambda x: sum(jnp.sum(o.astype(jnp.float32) * c) for o, c in zip(terms(x), cots))
+    g = jax.jit(jax.grad(loss)).lower(x).compile()
+    timing["terms"] = op_benchmark.median_seconds(g, x, min_runs=args.runs, max_runs=args.runs,
+                                                  min_total_s=0.0)
+
+    rows_ = lambda a: a.reshape(-1, *a.shape[2:])
+    bf = lambda a: rows_(a).astype(jnp.bfloat16)
+    if case == "gated_deltanet":
+      q_in, k_out, sc, u, w_k, dec = outs
+    else:
+      (q_in, k_out, sc, u, dec), w_k = outs, None
+    dec = jnp.broadcast_to(dec[..., None], dec.shape + (128,)) if dec.ndim == 3 else dec
+    args_k = [bf(q_in), bf(k_out), bf(sc), bf(u), None if w_k is None else bf(w_k),
+              rows_(dec)[:, :, None, :], jnp.zeros((q_in.shape[0] * 16, 128, 128), jnp.float32)]
+    d_o = jnp.ones(args_k[3].shape, jnp.float32)
+
+    def kloss(a, b, c, d, e, f, h):
+      o, _ = chunk_recurrence(a, b, c, d, e, f, h, platform="gpu")
+      return jnp.sum(o * d_o)
+    argnums = tuple(i for i, a in enumerate(args_k) if a is not None)
+    kg = jax.jit(jax.grad(kloss, argnums=argnums)).lower(*args_k).compile()
+    timing["kernel"] = op_benchmark.median_seconds(kg, *args_k, min_runs=args.runs,
+                                                   max_runs=args.runs, min_total_s=0.0)
+    if case == "gated_deltanet":
+      lower = jnp.tril(0.1 * jax.random.normal(jax.random.key(0), outs[2].shape), -1)
+      inv = lambda l: jnp.sum(triangular.unit_lower_inverse(l))
+      ig = jax.jit(jax.grad(inv)).lower(lower).compile()
+      timing["inverse"] = op_benchmark.median_seconds(ig, lower, min_runs=args.runs,
+                                                      max_runs=args.runs, min_total_s=0.0)
+    for name, s in timing.items():
+      rows.append({"case": case, "T": args.T, "part": name, "ms": s * 1e3})
+      print(f"{case:15} T={args.T} {name:7} {s * 1e3:8.3f} ms", flush=True)
+  pathlib.Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+  main()

@@ -29,6 +29,8 @@ Legend: R rows (batch*heads), N chunks, C chunk length, K key dim, V value dim.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -65,6 +67,32 @@ def _params(blocks: BlockSizes) -> pl_triton.CompilerParams:
   return pl_triton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
+def _run_state_kernel(kernel: Callable, grid: tuple[int, int, int], inputs: list,
+                      in_specs: list, chunked: jax.Array, value_dim: int, bk: int,
+                      bv: int, *, side_dtype: jnp.dtype | None, blocks: BlockSizes,
+                      interpret: bool, name: str) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+  """Calls a state kernel whose outputs are (a state per chunk [R,N,K,V] in the matmul dtype,
+  a [R,N,C,V] side output of `side_dtype` or None, the last state [R,K,V] f32).
+
+  chunked: an [R,N,C,K] operand in the matmul dtype (gives the shapes and that dtype).
+  """
+  rows, num, chunk, key_dim = chunked.shape
+  mm = chunked.dtype
+  side = None if side_dtype is None else jax.ShapeDtypeStruct((rows, num, chunk, value_dim),
+                                                              side_dtype)
+  out_shape, out_specs = present([
+      (jax.ShapeDtypeStruct((rows, num, key_dim, value_dim), mm),
+       _spec(num, bk, bv, key=True, value=True)),
+      (side, _spec(num, chunk, bv, value=True)),
+      (jax.ShapeDtypeStruct((rows, key_dim, value_dim), f32),
+       _spec(bk, bv, key=True, value=True))])
+  per_chunk, *side_out, last = pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=_params(blocks), interpret=interpret, name=name,
+  )(*inputs)
+  return per_chunk, (side_out[0] if side_out else None), last
+
+
 def state_pass(k_out: jax.Array, values: jax.Array, w_k: jax.Array | None, decay: jax.Array,
                initial_state: jax.Array, *, blocks: BlockSizes,
                interpret: bool = False) -> tuple[jax.Array, jax.Array | None, jax.Array]:
@@ -92,18 +120,9 @@ def state_pass(k_out: jax.Array, values: jax.Array, w_k: jax.Array | None, decay
       (k_out, _spec(num, chunk, bk, key=True)), (values, _spec(num, chunk, bv, value=True)),
       (w_k, _spec(num, chunk, key_dim)), (decay, _spec(num, 1, bk, key=True)),
       (initial_state, _spec(bk, bv, key=True, value=True))])
-  out_shape, out_specs = present([
-      (jax.ShapeDtypeStruct((rows, num, key_dim, value_dim), mm),
-       _spec(num, bk, bv, key=True, value=True)),
-      (jax.ShapeDtypeStruct((rows, num, chunk, value_dim), mm) if delta else None,
-       _spec(num, chunk, bv, value=True)),
-      (jax.ShapeDtypeStruct((rows, key_dim, value_dim), f32),
-       _spec(bk, bv, key=True, value=True))])
-  states, *w, final = pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      compiler_params=_params(blocks), interpret=interpret, name="chunk_state_fwd",
-  )(*inputs)
-  return states, (w[0] if delta else None), final
+  return _run_state_kernel(kernel, grid, inputs, in_specs, k_out, value_dim, bk, bv,
+                           side_dtype=mm if delta else None, blocks=blocks, interpret=interpret,
+                           name="chunk_state_fwd")
 
 
 def state_grad_pass(q_in: jax.Array, k_out: jax.Array, d_o: jax.Array, a_t_do: jax.Array | None,
@@ -140,18 +159,9 @@ def state_grad_pass(q_in: jax.Array, k_out: jax.Array, d_o: jax.Array, a_t_do: j
       (d_o, _spec(num, chunk, bv, value=True)), (a_t_do, _spec(num, chunk, bv, value=True)),
       (w_k, _spec(num, chunk, key_dim)), (decay, _spec(num, 1, bk, key=True)),
       (d_final, _spec(bk, bv, key=True, value=True))])
-  out_shape, out_specs = present([
-      (jax.ShapeDtypeStruct((rows, num, key_dim, value_dim), mm),
-       _spec(num, bk, bv, key=True, value=True)),
-      (jax.ShapeDtypeStruct((rows, num, chunk, value_dim), f32) if delta else None,
-       _spec(num, chunk, bv, value=True)),
-      (jax.ShapeDtypeStruct((rows, key_dim, value_dim), f32),
-       _spec(bk, bv, key=True, value=True))])
-  d_states, *d_w, d_h0 = pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      compiler_params=_params(blocks), interpret=interpret, name="chunk_state_bwd",
-  )(*inputs)
-  return d_states, (d_w[0] if delta else None), d_h0
+  return _run_state_kernel(kernel, grid, inputs, in_specs, q_in, value_dim, bk, bv,
+                           side_dtype=f32 if delta else None, blocks=blocks, interpret=interpret,
+                           name="chunk_state_bwd")
 
 
 def _parallel_grid(rows: int, num: int, value_dim: int) -> tuple[tuple[int, int, int], int]:

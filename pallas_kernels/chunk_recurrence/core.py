@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from pallas_kernels.chunk_recurrence import gpu, tpu
 from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes

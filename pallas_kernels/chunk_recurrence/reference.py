@@ -6,7 +6,6 @@ Legend: R = batch*heads rows, N chunks, C chunk length, K key dim, V value dim.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from pallas_kernels.chunk_recurrence import chunk_math
 

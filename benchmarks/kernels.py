@@ -9,7 +9,9 @@ Cases, on the same inputs (keys L2-normalised; gates log-sigmoid of N(3, 1) scal
   simple_gla        G family, scalar gate [B,T,H]           fla: chunk_simple_gla
   gla               G family, per-key gate [B,T,H,K]        fla: chunk_gla
   gated_deltanet    D family, scalar gate, beta [B,T,H]     fla: chunk_gated_delta_rule
-each with jaxlin impl "pallas" (the kernel for this backend) and "xla", and fla when the `fla`
+each with jaxlin impl "pallas" (the kernel for this backend), "pallas-terms" (on GPU: the
+in-chunk terms in XLA even where `pallas_kernels.scalar_gate` applies, i.e.
+`KernelOptions(scalar_gate=False)`) and "xla", and fla when the `fla`
 package (fla-core) and torch with CUDA are importable. "forward" times the op alone,
 "forward+backward" the gradient of sum(o * do) with respect to every input (q, k, v, g, beta).
 
@@ -199,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
           if impl == "fla":
             timings[impl] = time_fla(case, inputs, args.runs)
+          elif impl == "pallas-terms":
+            timings[impl] = time_jax(case, "pallas", inputs, dtype, args.runs,
+                                     KernelOptions(scalar_gate=False))
           elif impl.startswith("pallas:"):
             _, bv, bk, warps = impl.split(":")
             blocks = BlockSizes(block_v=int(bv), block_k=int(bk), num_warps=int(warps))

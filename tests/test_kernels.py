@@ -71,6 +71,9 @@ def test_chunk_recurrence_matches_scan(platform: str, with_w_k: bool) -> None:
 G_CASES = {
     "bla-segments": dict(gate=None, segments=True, initial_state=True),
     "scalar-bonus": dict(gate="scalar", bonus=True, initial_state=True),
+    # On GPU: the scalar-gate kernels (in-chunk terms formed in the kernel).
+    "scalar-segments-strong": dict(gate="scalar", gate_strength="strong", segments=True,
+                                   initial_state=True),
     "vector-segments": dict(gate="vector", segments=True, initial_state=True),
     "vector-mixed-strength": dict(gate="vector", gate_strength="mixed", initial_state=True),
 }
@@ -147,6 +150,38 @@ def test_support_predicate() -> None:
   assert not dispatch.supports_dims("cpu", 64, 64, f32)
   assert [dispatch.kernel_chunk(t) for t in (1, 16, 17, 33, 63, 64, 65, 4096)] == [
       16, 16, 32, 64, 64, 64, 64, 64]
+
+
+def test_scalar_gate_kernels_are_chosen_for_scalar_gates_on_gpu() -> None:
+  """The GPU scalar-gate kernels take scalar gates and none, without bonus, K <= 128."""
+  from pallas_kernels.gated import uses_scalar_gate_kernels  # pylint: disable=import-outside-toplevel
+  scalar, vector, bonus = jnp.zeros((1, 4, 2)), jnp.zeros((1, 4, 2, 64)), jnp.zeros((2, 64))
+  assert uses_scalar_gate_kernels("gpu", scalar, None, 64)
+  assert uses_scalar_gate_kernels("gpu", None, None, 128)
+  assert not uses_scalar_gate_kernels("gpu", scalar, None, 256)
+  assert not uses_scalar_gate_kernels("gpu", vector, None, 64)
+  assert not uses_scalar_gate_kernels("gpu", scalar, bonus, 64)
+  assert not uses_scalar_gate_kernels("tpu", scalar, None, 64)
+
+
+def test_scalar_gate_option_selects_the_generic_path(monkeypatch: pytest.MonkeyPatch) -> None:
+  """KernelOptions(scalar_gate=False) runs the XLA-terms path; both give the same answer."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from pallas_kernels import gated as gated_kernels  # pylint: disable=import-outside-toplevel
+  d = h.make_inputs(G, B=1, T=40, H=2, **DIMS["gpu"], gate="scalar", segments=True,
+                    initial_state=True, seed=7)
+  fused = _options("gpu")
+  calls = []
+  real = gated_kernels.gated_chunks
+  monkeypatch.setattr(gated_kernels, "gated_chunks",
+                      lambda *a, **kw: calls.append(1) or real(*a, **kw))
+  run = lambda options: h.op_jit(G, impl="pallas", kernel=options, output_final_state=True)(d)
+  want = run(dataclasses.replace(fused, scalar_gate=False))
+  assert not calls
+  got = run(fused)
+  assert calls
+  for a, e in zip(got, want):
+    h.assert_close(a, e, rtol=h.XLA_RTOL, atol_rel=h.XLA_ATOL_REL, name="scalar_gate option")
 
 
 def test_block_sizes_are_checked() -> None:

@@ -5,7 +5,8 @@ Triton lowering runs for "cuda" under an abstract H100 mesh (DESIGN.md §7). Thi
 shapes a backend rejects and primitives it cannot lower. It does not check VMEM / shared memory
 sizes or run anything. Lowered: the forward and the backward kernel (the gradient of a loss).
 Selectable: K, V in `dispatch.GPU_DIMS` / `dispatch.TPU_DIMS`, bf16 / f16 / f32 inputs, with and
-without the delta rule's W_k, at the kernel chunk lengths 16, 32 and 64.
+without the delta rule's W_k, at the kernel chunk lengths 16, 32 and 64; and the GPU
+scalar-gate kernels (`pallas_kernels.scalar_gate`) through the G op for K <= 128.
 """
 from __future__ import annotations
 
@@ -21,6 +22,15 @@ from pallas_kernels.chunk_recurrence import chunk_recurrence
 
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+
+
+def _export_cuda(fn, *args) -> str:
+  """The StableHLO of `fn` exported for CUDA under an abstract H100 mesh (Triton lowering)."""
+  with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=H100)):
+    return jax.export.export(
+        fn, platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(*args).mlir_module()
 
 
 def _lower(platform: str, key_dim: int, value_dim: int, dtype: jnp.dtype, with_w_k: bool,
@@ -40,11 +50,7 @@ def _lower(platform: str, key_dim: int, value_dim: int, dtype: jnp.dtype, with_w
   fn = jax.jit(jax.grad(loss, argnums))
   if platform == "tpu":
     return jax.export.export(fn, platforms=["tpu"])(*args).mlir_module()
-  with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=H100)):
-    return jax.export.export(
-        fn, platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(*args).mlir_module()
+  return _export_cuda(fn, *args)
 
 
 def _configs(platform: str) -> list[tuple]:
@@ -102,9 +108,35 @@ def test_ops_lower_through_the_kernel(platform: str, family: str) -> None:
   if platform == "tpu":
     module = jax.export.export(fn, platforms=["tpu"])(*args).mlir_module()
   else:
-    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=H100)):
-      module = jax.export.export(
-          fn, platforms=["cuda"],
-          disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-      )(*args).mlir_module()
+    module = _export_cuda(fn, *args)
   assert module.count(MARKER[platform]) >= 2
+
+
+SCALAR_GATE_CONFIGS = (
+    [(k, v, jnp.bfloat16, True, 100) for k in dispatch.GPU_DIMS if k <= 128
+     for v in dispatch.GPU_DIMS]
+    + [(64, 64, dt, seg, 100) for dt in (jnp.float16, jnp.float32) for seg in (False, True)]
+    + [(64, 64, jnp.bfloat16, False, t) for t in (20, 40)])    # chunks of 16 and 32
+
+
+@pytest.mark.parametrize("key_dim,value_dim,dtype,segments,time_", SCALAR_GATE_CONFIGS,
+                         ids=[f"K{k}-V{v}-{jnp.dtype(d).name}-{'docs' if s else 'nodocs'}-T{t}"
+                              for k, v, d, s, t in SCALAR_GATE_CONFIGS])
+def test_scalar_gate_kernels_lower(key_dim: int, value_dim: int, dtype: jnp.dtype,
+                                   segments: bool, time_: int) -> None:
+  """The G op with a scalar gate on GPU: state, output, state-gradient and gradient kernels."""
+  from jaxlin.ops import gated_linear_attention  # pylint: disable=import-outside-toplevel
+  spec = lambda *shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt)
+  options = dispatch.KernelOptions(platform="gpu")
+
+  def loss(q, k, v, g, ids):
+    o, final = gated_linear_attention(q, k, v, g, segment_ids=ids if segments else None,
+                                      impl="pallas", kernel=options, output_final_state=True)
+    return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(final)
+
+  args = (spec(1, time_, 2, key_dim), spec(1, time_, 2, key_dim), spec(1, time_, 2, value_dim),
+          spec(1, time_, 2, dt=jnp.float32), spec(1, time_, dt=jnp.int32))
+  module = _export_cuda(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))), *args)
+  for name in ("chunk_state_fwd", "scalar_gate_outputs", "chunk_state_bwd",
+               "scalar_gate_gradients"):
+    assert name in module, f"kernel {name} not in the lowered module"

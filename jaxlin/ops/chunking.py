@@ -75,6 +75,22 @@ def document_masks(segment_ids: jax.Array | None, chunk: int) -> DocumentMasks |
   """Masks for `segment_ids` [B, T] (None -> None: one document throughout)."""
   if segment_ids is None:
     return None
+  rel = documents_in_chunk(segment_ids, chunk)
+  last = rel[..., -1]
+  return DocumentMasks(
+      same=rel[..., :, None] == rel[..., None, :],
+      start=rel == 0,
+      end=rel == last[..., None],
+      carry=last == 0,
+  )
+
+
+def documents_in_chunk(segment_ids: jax.Array, chunk: int) -> jax.Array:
+  """[B, 1, N, C] int32: how many documents have started in token i's chunk up to i.
+
+  0 marks the document of the chunk's incoming state; two tokens of a chunk share
+  a document iff their counts agree (the masks of `document_masks` follow).
+  """
   batch, time = segment_ids.shape
   doc = documents.document_index(segment_ids)
   num = -(-time // chunk)
@@ -83,12 +99,7 @@ def document_masks(segment_ids: jax.Array | None, chunk: int) -> DocumentMasks |
   doc = doc.reshape(batch, 1, num, chunk)
   last = doc[..., -1]
   incoming = jnp.concatenate([jnp.zeros_like(last[..., :1]), last[..., :-1]], axis=-1)
-  return DocumentMasks(
-      same=doc[..., :, None] == doc[..., None, :],
-      start=doc == incoming[..., None],
-      end=doc == last[..., None],
-      carry=last == incoming,
-  )
+  return doc - incoming[..., None]
 
 
 def masked_exp(x: jax.Array, mask: jax.Array | None) -> jax.Array:

@@ -1,12 +1,18 @@
-"""Where the Pallas path's time goes: the XLA in-chunk terms vs the recurrence kernel.
+"""Where the Pallas path's time goes, on GPU.
 
 Usage: python benchmarks/kernel_breakdown.py [--T 8192] [--cases simple_gla gated_deltanet]
+       python benchmarks/kernel_breakdown.py --quick   # CPU smoke test: tiny shapes, interpreter
 
 For each case, forward+backward milliseconds of
-  whole     the op with impl="pallas" (terms in XLA + kernel), gradient of sum(o * do)
-  terms     only the in-chunk terms (`chunk_terms`), gradient of a random projection of them
-  kernel    only `chunk_recurrence` on precomputed terms, gradient of sum(o * do)
-  inverse   (delta rule) only the UT transform's (I + L)^-1 on [B, H, N, C, C], its gradient
+  whole        the op with impl="pallas": on GPU the scalar-gate kernels
+               (`pallas_kernels.scalar_gate`), gradient of sum(o * do)
+  recurrence   only `gated_chunks` / `delta_chunks` (state, output and gradient kernels)
+  ut           (delta rule) only the `ut_transform` kernels
+and of the generic path (`KernelOptions(scalar_gate=False)`):
+  whole-terms  the op with the in-chunk terms in XLA + `chunk_recurrence`
+  terms        only the in-chunk terms (`chunk_terms`), gradient of a random projection of them
+  kernel       only `chunk_recurrence` on precomputed terms, gradient of sum(o * do)
+  inverse      (delta rule) only the UT transform's (I + L)^-1 on [B, H, N, C, C], its gradient
 Shapes and inputs as benchmarks/kernels.py. Prints a table and writes JSON.
 """
 
@@ -25,7 +31,46 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import kernels as kb  # noqa: E402
 import ops as op_benchmark  # noqa: E402
 from jaxlin.ops import delta, gated, triangular  # noqa: E402
-from pallas_kernels.chunk_recurrence import chunk_recurrence  # noqa: E402
+from pallas_kernels.chunk_recurrence import BlockSizes, chunk_recurrence  # noqa: E402
+from pallas_kernels.dispatch import KernelOptions  # noqa: E402
+from pallas_kernels.scalar_gate import delta_chunks, gated_chunks  # noqa: E402
+from pallas_kernels.scalar_gate.layout import RowLayout  # noqa: E402
+from pallas_kernels.scalar_gate.ut_transform import ut_transform  # noqa: E402
+
+
+def _grad_seconds(loss, args: list, argnums: tuple[int, ...], runs: int) -> float:
+  """Median seconds of the compiled gradient of `loss` with respect to `argnums`."""
+  fn = jax.jit(jax.grad(loss, argnums=argnums)).lower(*args).compile()
+  return op_benchmark.median_seconds(fn, *args, min_runs=runs, max_runs=runs, min_total_s=0.0)
+
+
+def _scalar_gate_parts(case: str, x: dict, runs: int, interpret: bool) -> dict[str, float]:
+  """Forward+backward seconds of the scalar-gate kernels alone ("recurrence", "ut")."""
+  batch, time_, heads, key_dim = x["q"].shape
+  layout = RowLayout(batch, heads, time_, kb.CHUNK)
+  bf = lambda a: layout.rows(a, jnp.bfloat16)
+  cum = layout.cumulative_gate(x["g"], None)
+  h0 = jnp.zeros((batch * heads, key_dim, x["v"].shape[-1]), jnp.float32)
+  q, k, v = bf(x["q"]), bf(x["k"]), bf(x["v"])
+  d_o = jnp.ones(v.shape, jnp.float32)
+  blocks = BlockSizes.default("gpu", key_dim, v.shape[-1], delta=case == "gated_deltanet")
+  parts = {}
+  if case != "gated_deltanet":
+    loss = lambda q, k, v, b: jnp.sum(gated_chunks(q, k, v, b, None, h0, blocks=blocks,
+                                                             interpret=interpret)[0] * d_o)
+    parts["recurrence"] = _grad_seconds(loss, [q, k, v, cum], (0, 1, 2, 3), runs)
+    return parts
+  beta = layout.rows(x["beta"])
+  u, w_k = jax.jit(lambda: ut_transform(k, k, v, beta, beta, cum, None,
+                                                 interpret=interpret))()
+  loss = lambda q, k, b, u, w: jnp.sum(
+      delta_chunks(q, k, b, None, u, w, h0, blocks=blocks, interpret=interpret)[0] * d_o)
+  parts["recurrence"] = _grad_seconds(loss, [q, k, cum, u, w_k], (0, 1, 2, 3, 4), runs)
+  ut_loss = lambda k, v, beta, b: sum(
+      jnp.sum(o.astype(jnp.float32))
+      for o in ut_transform(k, k, v, beta, beta, b, None, interpret=interpret))
+  parts["ut"] = _grad_seconds(ut_loss, [k, v, beta, cum], (0, 1, 2, 3), runs)
+  return parts
 
 
 def _terms_fn(case: str):
@@ -46,15 +91,26 @@ def main() -> None:
   p.add_argument("--cases", nargs="+", default=["simple_gla", "gated_deltanet"])
   p.add_argument("--runs", type=int, default=10)
   p.add_argument("--out", default="/tmp/kernel_breakdown.json")
+  p.add_argument("--quick", action="store_true",
+                 help="B=1 H=2 K=V=32 T=128, 2 runs, GPU kernels in the Pallas interpreter")
   args = p.parse_args()
+  batch, heads, dim, interpret = 4, 16, 128, False
+  if args.quick:
+    args.T, args.runs, batch, heads, dim, interpret = 128, 2, 1, 2, 32, True
+  options = lambda **kw: KernelOptions(platform="gpu", interpret=interpret, **kw)
   rows = []
   for case in args.cases:
-    inputs = kb.make_inputs(case, 4, args.T, 16, 128, 128)
+    inputs = kb.make_inputs(case, batch, args.T, heads, dim, dim)
     x = {n: jnp.asarray(a, jnp.bfloat16 if n in ("q", "k", "v") else jnp.float32)
          for n, a in inputs.items() if n != "do"}
     do = jnp.asarray(inputs["do"])
     timing = {}
-    timing["whole"] = kb.time_jax(case, "pallas", inputs, jnp.bfloat16, args.runs)["forward+backward"]
+    whole = lambda opts: kb.time_jax(case, "pallas", inputs, jnp.bfloat16, args.runs,
+                                     opts)["forward+backward"]
+    timing["whole"] = whole(options())
+    if case != "gla":
+      timing.update(_scalar_gate_parts(case, x, args.runs, interpret))
+    timing["whole-terms"] = whole(options(scalar_gate=False))
 
     terms = _terms_fn(case)
     outs = jax.jit(terms)(x)
@@ -70,13 +126,13 @@ def main() -> None:
       q_in, k_out, sc, u, w_k, dec = outs
     else:
       (q_in, k_out, sc, u, dec), w_k = outs, None
-    dec = jnp.broadcast_to(dec[..., None], dec.shape + (128,)) if dec.ndim == 3 else dec
+    dec = jnp.broadcast_to(dec[..., None], dec.shape + (dim,)) if dec.ndim == 3 else dec
     args_k = [bf(q_in), bf(k_out), bf(sc), bf(u), None if w_k is None else bf(w_k),
-              rows_(dec)[:, :, None, :], jnp.zeros((q_in.shape[0] * 16, 128, 128), jnp.float32)]
+              rows_(dec)[:, :, None, :], jnp.zeros((batch * heads, dim, dim), jnp.float32)]
     d_o = jnp.ones(args_k[3].shape, jnp.float32)
 
     def kloss(a, b, c, d, e, f, h):
-      o, _ = chunk_recurrence(a, b, c, d, e, f, h, platform="gpu")
+      o, _ = chunk_recurrence(a, b, c, d, e, f, h, platform="gpu", interpret=interpret)
       return jnp.sum(o * d_o)
     argnums = tuple(i for i, a in enumerate(args_k) if a is not None)
     kg = jax.jit(jax.grad(kloss, argnums=argnums)).lower(*args_k).compile()
@@ -90,7 +146,7 @@ def main() -> None:
                                                       max_runs=args.runs, min_total_s=0.0)
     for name, s in timing.items():
       rows.append({"case": case, "T": args.T, "part": name, "ms": s * 1e3})
-      print(f"{case:15} T={args.T} {name:7} {s * 1e3:8.3f} ms", flush=True)
+      print(f"{case:15} T={args.T} {name:11} {s * 1e3:8.3f} ms", flush=True)
   pathlib.Path(args.out).write_text(json.dumps(rows, indent=1))
 
 

@@ -10,8 +10,8 @@ Cases, on the same inputs (keys L2-normalised; gates log-sigmoid of N(3, 1) scal
   gla               G family, per-key gate [B,T,H,K]        fla: chunk_gla
   gated_deltanet    D family, scalar gate, beta [B,T,H]     fla: chunk_gated_delta_rule
 each with jaxlin impl "pallas" (the kernel for this backend), "pallas-terms" (on GPU: the
-in-chunk terms in XLA even where `pallas_kernels.scalar_gate` applies, i.e.
-`KernelOptions(scalar_gate=False)`) and "xla", and fla when the `fla`
+in-chunk terms in XLA and the generic kernels even where `pallas_kernels.scalar_gate`
+applies, i.e. `KernelOptions(scalar_gate=False)`) and "xla", and fla when the `fla`
 package (fla-core) and torch with CUDA are importable. "forward" times the op alone,
 "forward+backward" the gradient of sum(o * do) with respect to every input (q, k, v, g, beta).
 
@@ -165,15 +165,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--V", type=int, default=128)
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
   p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
-  p.add_argument("--impls", nargs="+", default=["pallas", "xla", "fla"])
+  p.add_argument("--impls", nargs="+", default=["pallas", "pallas-terms", "xla", "fla"])
   p.add_argument("--runs", type=int, default=10)
   p.add_argument("--block-v", type=int, nargs="*", default=[],
                  help="also time the kernel with these BlockSizes.block_v "
-                      "(impl 'pallas:block_v:block_k:warps')")
+                      "(impl 'pallas:block_v:block_k:warps:chunk_warps')")
   p.add_argument("--block-k", type=int, nargs="*", default=[64],
                  help="with --block-v: BlockSizes.block_k values to try (gated family)")
   p.add_argument("--num-warps", type=int, nargs="*", default=[4],
-                 help="with --block-v: Triton num_warps values to try")
+                 help="with --block-v: Triton num_warps values to try (state kernels)")
+  p.add_argument("--chunk-warps", type=int, nargs="*", default=[8],
+                 help="with --block-v: BlockSizes.chunk_warps values to try (the scalar-gate "
+                      "per-chunk kernels; impl 'pallas:block_v:block_k:warps:chunk_warps')")
   p.add_argument("--quick", action="store_true", help="B=1 H=2 K=V=64 T=128, 3 runs")
   p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "kernels.json"))
   args = p.parse_args(argv)
@@ -186,8 +189,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parse_args(argv)
   dtype = jnp.dtype(args.dtype)
   impls = [i for i in args.impls if i != "fla" or fla_available()]
-  impls += [f"pallas:{bv}:{bk}:{w}" for bv in args.block_v for bk in args.block_k
-            for w in args.num_warps]
+  impls += [f"pallas:{bv}:{bk}:{w}:{cw}" for bv in args.block_v for bk in args.block_k
+            for w in args.num_warps for cw in args.chunk_warps]
   if "fla" in args.impls and "fla" not in impls:
     print("fla (fla-core with torch+CUDA) not importable: fla rows skipped")
   result = {"environment": op_benchmark.environment(), "args": vars(args), "rows": []}
@@ -205,8 +208,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             timings[impl] = time_jax(case, "pallas", inputs, dtype, args.runs,
                                      KernelOptions(scalar_gate=False))
           elif impl.startswith("pallas:"):
-            _, bv, bk, warps = impl.split(":")
-            blocks = BlockSizes(block_v=int(bv), block_k=int(bk), num_warps=int(warps))
+            _, bv, bk, warps, chunk_warps = impl.split(":")
+            blocks = BlockSizes(block_v=int(bv), block_k=int(bk), num_warps=int(warps),
+                                chunk_warps=int(chunk_warps))
             timings[impl] = time_jax(case, "pallas", inputs, dtype, args.runs,
                                      KernelOptions(block_sizes=blocks))
           else:

@@ -32,9 +32,10 @@ class KernelOptions:
     `jax.export(..., platforms=[...])` (lowering checks without the hardware).
   interpret: run the kernel in the Pallas interpreter (CPU tests of either kernel).
   block_sizes: tiling; default `BlockSizes.default(platform, K, V)`.
-  scalar_gate: on GPU, run scalar-gate (or ungated) calls of the G family through
-    `pallas_kernels.scalar_gate`, which forms the in-chunk terms in the kernels;
-    False forms them in XLA and runs the generic `chunk_recurrence` kernel.
+  scalar_gate: on GPU, run scalar-gate (or ungated) calls with K <= 128 through
+    `pallas_kernels.scalar_gate`, whose kernels form the in-chunk terms (and the
+    delta rule's UT transform) themselves; False forms them in XLA and runs the
+    generic `chunk_recurrence` kernels.
   """
   platform: str | None = None
   interpret: bool = False

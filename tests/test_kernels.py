@@ -153,7 +153,8 @@ def test_support_predicate() -> None:
 
 
 def test_scalar_gate_kernels_are_chosen_for_scalar_gates_on_gpu() -> None:
-  """The GPU scalar-gate kernels take scalar gates and none, without bonus, K <= 128."""
+  """The GPU scalar-gate kernels take scalar gates and none, without bonus, K <= 128 (G), and
+  every D call with K <= 128."""
   from pallas_kernels.gated import uses_scalar_gate_kernels  # pylint: disable=import-outside-toplevel
   scalar, vector, bonus = jnp.zeros((1, 4, 2)), jnp.zeros((1, 4, 2, 64)), jnp.zeros((2, 64))
   assert uses_scalar_gate_kernels("gpu", scalar, None, 64)
@@ -162,6 +163,10 @@ def test_scalar_gate_kernels_are_chosen_for_scalar_gates_on_gpu() -> None:
   assert not uses_scalar_gate_kernels("gpu", vector, None, 64)
   assert not uses_scalar_gate_kernels("gpu", scalar, bonus, 64)
   assert not uses_scalar_gate_kernels("tpu", scalar, None, 64)
+  from pallas_kernels import delta as delta_kernels  # pylint: disable=import-outside-toplevel
+  assert delta_kernels.uses_scalar_gate_kernels("gpu", 128)
+  assert not delta_kernels.uses_scalar_gate_kernels("gpu", 256)
+  assert not delta_kernels.uses_scalar_gate_kernels("tpu", 64)
 
 
 def test_scalar_gate_option_selects_the_generic_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,5 +200,7 @@ def test_block_sizes_are_checked() -> None:
   assert BlockSizes.default("gpu", 128, 128) == BlockSizes(block_v=64, block_k=64, num_warps=4)
   with pytest.raises(ValueError, match="block_k"):
     BlockSizes(block_v=64, block_k=24).check("gpu", 64)
+  with pytest.raises(ValueError, match="chunk_warps=6"):
+    BlockSizes(block_v=64, chunk_warps=6).check("gpu", 64)
   assert BlockSizes.default("gpu", 128, 128, delta=True).num_warps == 8
   assert BlockSizes.default("tpu", 128, 128).block_v == 128

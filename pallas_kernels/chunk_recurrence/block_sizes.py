@@ -22,11 +22,15 @@ class BlockSizes:
   block_k: key rows per program of the GPU gated-family state kernels (a power
     of two); None: all of K.
   num_warps, num_stages: Triton launch parameters (GPU only).
+  chunk_warps: num_warps of the GPU per-chunk kernels of `pallas_kernels.scalar_gate`
+    (outputs, gradients, UT transform), which hold several [C, K] float32 tiles at once;
+    8 is a guess that keeps them under the register limit, not a measurement.
   """
   block_v: int
   block_k: int | None = None
   num_warps: int = 4
   num_stages: int = 1
+  chunk_warps: int = 8
 
   def key_block(self, key_dim: int) -> int:
     """Key rows per program of a gated-family GPU state kernel."""
@@ -55,6 +59,10 @@ class BlockSizes:
       raise ValueError(f"block_v={self.block_v} must divide V={value_dim}")
     if self.block_k is not None and (self.block_k < 16 or self.block_k & (self.block_k - 1)):
       raise ValueError(f"block_k={self.block_k}: expected a power of two >= 16, or None")
+    for name in ("num_warps", "chunk_warps"):
+      warps = getattr(self, name)
+      if warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"{name}={warps}: expected a power of two in [1, 32]")
     if platform == "gpu" and self.block_v & (self.block_v - 1):
       raise ValueError(f"block_v={self.block_v}: Triton needs a power of two")
     if platform == "tpu" and self.block_v != value_dim and self.block_v % 128:

@@ -19,6 +19,7 @@ from pallas_kernels import dispatch
 from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
 from pallas_kernels.chunk_recurrence.terms import run_terms
 from pallas_kernels.scalar_gate import gated_chunks
+from pallas_kernels.scalar_gate.layout import RowLayout
 
 SCALAR_GATE_MAX_K = 128   # the fused gradient kernel holds [C, K] float32 accumulators
 
@@ -60,23 +61,11 @@ def _scalar_gate(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
   """`chunked` through the scalar-gate GPU kernels (arguments as `chunked`)."""
   batch, time, heads, key_dim = q.shape
   value_dim = v.shape[-1]
-  chunk = dispatch.kernel_chunk(time)
-  rows = lambda x: x.reshape(batch * heads, *x.shape[2:])
-  operand = lambda x: rows(chunking.to_chunks(x, chunk)).astype(matmul_dtype)
-  if g is None:
-    b = jnp.zeros((batch * heads, -(-time // chunk), chunk), jnp.float32)
-  else:
-    same = chunking.document_masks(segment_ids, chunk)
-    b = rows(chunking.chunk_cumsum(chunking.to_chunks(g, chunk),
-                                   None if same is None else same.same))
-  rel = None
-  if segment_ids is not None:
-    rel = chunking.documents_in_chunk(segment_ids, chunk)
-    rel = rows(jnp.broadcast_to(rel, (batch, heads, *rel.shape[2:])))
+  layout = RowLayout(batch, heads, time, dispatch.kernel_chunk(time))
   blocks = options.block_sizes or BlockSizes.default("gpu", key_dim, value_dim)
   blocks.check("gpu", value_dim)
-  o, final = gated_chunks(operand(q), operand(k), operand(v), b, rel,
-                          rows(initial_state), blocks=blocks, interpret=options.interpret)
-  o = o.reshape(batch, heads, *o.shape[1:])
-  return (chunking.from_chunks(o, time),
-          final.reshape(batch, heads, key_dim, value_dim))
+  o, final = gated_chunks(
+      layout.rows(q, matmul_dtype), layout.rows(k, matmul_dtype), layout.rows(v, matmul_dtype),
+      layout.cumulative_gate(g, segment_ids), layout.documents(segment_ids),
+      layout.states(initial_state), blocks=blocks, interpret=options.interpret)
+  return layout.unrows(o), layout.states(final)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from pallas_kernels.chunk_recurrence import gpu as state_kernels
 from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
 from pallas_kernels.scalar_gate import kernels
+from pallas_kernels.scalar_gate.kernels import state_operands
 
 f32 = jnp.float32
 
@@ -36,29 +37,13 @@ def gated_chunks(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array,
   return _gated(blocks, interpret, q, k, v, b, rel, initial_state)
 
 
-def _state_operands(q: jax.Array, k: jax.Array, b: jax.Array,
-                    rel: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(Diag(a) q, Diag(c) k in the matmul dtype, d [R,N,1,K] float32) of every chunk."""
-  b_last = b[..., -1:]
-  start = end = carry = None
-  if rel is not None:
-    rel_last = rel[..., -1:]
-    start, end, carry = rel == 0, rel == rel_last, rel_last == 0
-  masked = lambda x, m: jnp.exp(x if m is None else jnp.where(m, x, -jnp.inf))
-  q_in = (q.astype(f32) * masked(b, start)[..., None]).astype(q.dtype)
-  to_end = (b_last - b).at[..., -1].set(0.0)
-  k_out = (k.astype(f32) * masked(to_end, end)[..., None]).astype(k.dtype)
-  decay = jnp.broadcast_to(masked(b_last, carry)[..., None], (*b.shape[:2], 1, q.shape[-1]))
-  return q_in, k_out, decay
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _gated(blocks, interpret, q, k, v, b, rel, initial_state):
   return _forward(blocks, interpret, q, k, v, b, rel, initial_state)[0]
 
 
 def _forward(blocks, interpret, q, k, v, b, rel, initial_state):
-  _, k_out, decay = _state_operands(q, k, b, rel)
+  _, k_out, decay = state_operands(q, k, b, rel)
   states, _, final = state_kernels.state_pass(k_out, v, None, decay, initial_state,
                                               blocks=blocks, interpret=interpret)
   o = kernels.output_pass(q, k, b, rel, states, v, blocks=blocks, interpret=interpret)
@@ -69,7 +54,7 @@ def _backward(blocks, interpret, residuals, grads):
   q, k, v, b, rel, states = residuals
   d_o, d_final = grads
   d_o = d_o.astype(q.dtype)
-  q_in, _, decay = _state_operands(q, k, b, rel)
+  q_in, _, decay = state_operands(q, k, b, rel)
   d_states, _, d_initial = state_kernels.state_grad_pass(
       q_in, None, d_o, None, None, decay, d_final, blocks=blocks, interpret=interpret)
   d_q, d_k, d_v, d_b = kernels.gradient_pass(q, k, v, b, rel, states, d_states, d_o,

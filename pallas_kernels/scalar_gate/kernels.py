@@ -19,15 +19,16 @@ delta rule),
 Every exponent is <= 0 where its mask is set (b decreases), so nothing
 overflows. The XLA form materialises A, Diag(a) q and Diag(c) k in float32 and
 differentiates through them; here `output_pass` forms A from q, k and b in
-registers, and `gradient_pass` returns dq, dk, dv and db of a whole chunk:
+registers, and `gradient_pass` returns the gradients of a whole chunk:
 
-    dA  = dO W^T                     dv = A^T dO + Diag(c) k G
-    dq  = (dA o E) k + Diag(a) dO S^T
-    dk  = (dA o E)^T q + Diag(c) v G^T
-    db_i = sum_j P_ij - sum_j P_ji + q_i . (Diag(a) dO S^T)_i - [i < C] (Diag(c) k)_i . (v G^T)_i
-    db_C += sum_{j<C} (Diag(c) k)_j . (v G^T)_j + d sum(G o S)
+    dA  = dO W^T                     dv = A^T dO + Diag(c) k G     (gated family, W = v)
+    dq  = (dA o E) k + Diag(a) dO S^T                              dW_k = -dW S^T (delta rule)
+    dk  = (dA o E)^T q + Diag(c) W G^T
+    db_i = sum_j P_ij - sum_j P_ji + q_i . (Diag(a) dO S^T)_i - [i < C] (Diag(c) k)_i . (W G^T)_i
+    db_C += sum_{j<C} (Diag(c) k)_j . (W G^T)_j + d sum(G o S)
 
-where G = dL/dS_next and P = dA o A off the diagonal (i > j): the gaps that
+where G = dL/dS_next, dW the delta rule's gradient of W (from its state-gradient
+kernel), and P = dA o A off the diagonal (i > j): the gaps that
 are 0 by construction (E_ii, c_C) contribute no gradient, as in the XLA form
 (`chunking.pair_gaps`), so strong gates keep their small true gradients.
 The caller turns db into dg (the transpose of the cumulative sum).
@@ -88,8 +89,25 @@ def chunk_decays(b: jax.Array, rel: jax.Array | None) -> ChunkDecays:
                      is_last[:, None])
 
 
+def state_operands(q: jax.Array, k: jax.Array, b: jax.Array,
+                    rel: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(Diag(a) q, Diag(c) k in the matmul dtype, d [R,N,1,K] float32) of every chunk:
+  the operands of the generic state kernels (`chunk_recurrence.gpu`), in XLA."""
+  b_last = b[..., -1:]
+  start = end = carry = None
+  if rel is not None:
+    rel_last = rel[..., -1:]
+    start, end, carry = rel == 0, rel == rel_last, rel_last == 0
+  masked = lambda x, m: jnp.exp(x if m is None else jnp.where(m, x, -jnp.inf))
+  q_in = (q.astype(f32) * masked(b, start)[..., None]).astype(q.dtype)
+  to_end = (b_last - b).at[..., -1].set(0.0)
+  k_out = (k.astype(f32) * masked(to_end, end)[..., None]).astype(k.dtype)
+  decay = jnp.broadcast_to(masked(b_last, carry)[..., None], (*b.shape[:2], 1, q.shape[-1]))
+  return q_in, k_out, decay
+
+
 def _params(blocks: BlockSizes) -> pl_triton.CompilerParams:
-  return pl_triton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+  return pl_triton.CompilerParams(num_warps=blocks.chunk_warps, num_stages=blocks.num_stages)
 
 
 def _chunk(*block: int, value: bool = False) -> pl.BlockSpec:
@@ -101,6 +119,11 @@ def _chunk(*block: int, value: bool = False) -> pl.BlockSpec:
 
 def _rel(rel_ref) -> jax.Array | None:
   return None if rel_ref is None else rel_ref[...]
+
+
+def _scores(q: jax.Array, k: jax.Array, dec: ChunkDecays) -> jax.Array:
+  """A = (q k^T) o E of one chunk, float32."""
+  return dot(q, k, trans_b=True) * dec.pairs
 
 
 def output_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
@@ -122,7 +145,7 @@ def output_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
     mm = q_ref.dtype
     dec = chunk_decays(b_ref[...], _rel(rel_ref))
     qv = q_ref[...]
-    scores = (dot(qv, k_ref[...], trans_b=True) * dec.pairs).astype(mm)
+    scores = _scores(qv, k_ref[...], dec).astype(mm)
     o = dec.incoming * dot(qv, s_ref[...]) + dot(scores, w_ref[...])
     o_ref[...] = o.astype(o_ref.dtype)
 
@@ -140,51 +163,94 @@ def output_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
   )(*inputs, states, w)
 
 
-def gradient_pass(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array,
-                  rel: jax.Array | None, states: jax.Array, d_states: jax.Array,
-                  d_o: jax.Array, *, blocks: BlockSizes,
-                  interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """(dq, dk [R,N,C,K], dv [R,N,C,V] in the inputs' dtype, db [R,N,C] float32) of the
-  gated family (W = v), one program per (row, chunk), V walked in blocks of `block_v`.
-
-  states S_n and d_states G_{n+1} = dL/dS_{n+1}: [R,N,K,V] in the matmul dtype;
-  d_o [R,N,C,V] in the matmul dtype; the rest as `output_pass`.
-  """
+def scores_transpose_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
+                          d_o: jax.Array, *, blocks: BlockSizes,
+                          interpret: bool = False) -> jax.Array:
+  """A^T dO for every (row, chunk): [R, N, C, V] float32 (the delta rule's state-gradient
+  kernel needs it for dW = A^T dO + K_out G). Arguments as `output_pass`."""
   rows, num, chunk, key_dim = q.shape
-  value_dim = v.shape[-1]
-  bv = min(blocks.block_v, value_dim)
+  value_dim = d_o.shape[-1]
+  bv = min(value_dim, OUTPUT_BLOCK_V)
   docs = rel is not None
 
   def kernel(*refs):
-    q_ref, k_ref, v_ref, b_ref, *rest = refs
-    (rel_ref, s_ref, g_ref, do_ref, dq_ref, dk_ref, dv_ref, db_ref) = (
-        rest if docs else (None, *rest))
+    q_ref, k_ref, b_ref, *rest = refs
+    rel_ref, do_ref, out_ref = rest if docs else (None, *rest)
+    dec = chunk_decays(b_ref[...], _rel(rel_ref))
+    scores = _scores(q_ref[...], k_ref[...], dec).astype(q_ref.dtype)
+    out_ref[...] = dot(scores, do_ref[...], trans_a=True)
+
+  in_specs = [_chunk(chunk, key_dim), _chunk(chunk, key_dim), _chunk(chunk)]
+  inputs = [q, k, b]
+  if docs:
+    in_specs.append(_chunk(chunk))
+    inputs.append(rel)
+  return pl.pallas_call(
+      kernel, grid=(rows, num, value_dim // bv),
+      in_specs=in_specs + [_chunk(chunk, bv, value=True)],
+      out_specs=_chunk(chunk, bv, value=True),
+      out_shape=jax.ShapeDtypeStruct((rows, num, chunk, value_dim), f32),
+      compiler_params=_params(blocks), interpret=interpret, name="scalar_gate_scores_t",
+  )(*inputs, d_o)
+
+
+def gradient_pass(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array,
+                  rel: jax.Array | None, states: jax.Array, d_states: jax.Array,
+                  d_o: jax.Array, d_w: jax.Array | None = None, *, blocks: BlockSizes,
+                  interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The per-chunk gradients, one program per (row, chunk), V walked in blocks of `block_v`.
+
+  Gated family (d_w None, w = v): (dq, dk, dv, db). Delta rule (d_w = dL/dW from the state
+  gradient kernel, w = W = U - W_k S): (dq, dk, dW_k = -dW S^T, db); dU = dW.
+  dq, dk, dv, dW_k [R,N,C,K|V] in the inputs' dtype; db [R,N,C] float32.
+
+  states S_n and d_states G_{n+1} = dL/dS_{n+1}: [R,N,K,V] in the matmul dtype;
+  d_o [R,N,C,V] in the matmul dtype; d_w [R,N,C,V] float32; the rest as `output_pass`.
+  """
+  rows, num, chunk, key_dim = q.shape
+  value_dim = w.shape[-1]
+  bv = min(blocks.block_v, value_dim)
+  docs, delta = rel is not None, d_w is not None
+
+  def kernel(*refs):
+    q_ref, k_ref, w_ref, b_ref, *rest = refs
+    if not docs:
+      rest = [None, *rest]
+    if not delta:
+      rest = [*rest[:4], None, *rest[4:]]
+    rel_ref, s_ref, g_ref, do_ref, dw_ref, dq_ref, dk_ref, dx_ref, db_ref = rest
     mm = q_ref.dtype
     dec = chunk_decays(b_ref[...], _rel(rel_ref))
     qv, kv = q_ref[...], k_ref[...]
-    scores = dot(qv, kv, trans_b=True) * dec.pairs                       # A, f32
+    scores = _scores(qv, kv, dec)                                       # A, f32
     scores_mm = scores.astype(mm)
     k_out = (dec.outgoing * kv.astype(f32)).astype(mm)                  # Diag(c) k
     d_scores = jnp.zeros((chunk, chunk), f32)
     d_q_in = jnp.zeros((chunk, key_dim), f32)                           # dO S^T
-    d_k_out = jnp.zeros((chunk, key_dim), f32)                          # v G^T
+    d_k_out = jnp.zeros((chunk, key_dim), f32)                          # W G^T
+    d_w_k = jnp.zeros((chunk, key_dim), f32)                            # dW S^T
     d_decay = jnp.zeros((), f32)                                        # sum(G o S)
     for p in range(value_dim // bv):
       cols = pl.ds(p * bv, bv)
-      do_p, v_p, s_p, g_p = do_ref[:, cols], v_ref[:, cols], s_ref[:, cols], g_ref[:, cols]
-      d_scores += dot(do_p, v_p, trans_b=True)
+      do_p, w_p, s_p, g_p = do_ref[:, cols], w_ref[:, cols], s_ref[:, cols], g_ref[:, cols]
+      d_scores += dot(do_p, w_p, trans_b=True)
       d_q_in += dot(do_p, s_p, trans_b=True)
-      d_k_out += dot(v_p, g_p, trans_b=True)
+      d_k_out += dot(w_p, g_p, trans_b=True)
       d_decay += jnp.sum(g_p.astype(f32) * s_p.astype(f32))
-      d_v = dot(scores_mm, do_p, trans_a=True) + dot(k_out, g_p)
-      dv_ref[:, cols] = d_v.astype(dv_ref.dtype)
+      if delta:
+        d_w_k += dot(dw_ref[:, cols].astype(mm), s_p, trans_b=True)
+      else:
+        d_v = dot(scores_mm, do_p, trans_a=True) + dot(k_out, g_p)
+        dx_ref[:, cols] = d_v.astype(dx_ref.dtype)
+    if delta:
+      dx_ref[...] = (-d_w_k).astype(dx_ref.dtype)
     d_pairs = (d_scores * dec.pairs).astype(mm)                         # dA o E
     d_q_in = dec.incoming * d_q_in
     d_k_out = dec.outgoing * d_k_out
     dq_ref[...] = (dot(d_pairs, kv) + d_q_in).astype(dq_ref.dtype)
     dk_ref[...] = (dot(d_pairs, qv, trans_a=True) + d_k_out).astype(dk_ref.dtype)
     products = jnp.where(dec.strict, d_scores * scores, 0.0)             # P
-    to_end = jnp.sum(kv.astype(f32) * d_k_out, axis=1, keepdims=True)  # (Diag(c) k) . v G^T
+    to_end = jnp.sum(kv.astype(f32) * d_k_out, axis=1, keepdims=True)  # (Diag(c) k) . W G^T
     to_end = jnp.where(dec.last, 0.0, to_end)
     d_b = (jnp.sum(products, axis=1, keepdims=True)
            - jnp.sum(products, axis=0)[:, None]
@@ -193,20 +259,23 @@ def gradient_pass(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array,
     d_b += jnp.where(dec.last, jnp.sum(to_end) + dec.decay * d_decay, 0.0)
     db_ref[...] = d_b[:, 0]
 
-  inputs = [q, k, v, b]
-  in_specs = [_chunk(chunk, key_dim), _chunk(chunk, key_dim), _chunk(chunk, value_dim),
-              _chunk(chunk)]
+  inputs, in_specs = [q, k, w, b], [_chunk(chunk, key_dim), _chunk(chunk, key_dim),
+                                    _chunk(chunk, value_dim), _chunk(chunk)]
   if docs:
     inputs.append(rel)
     in_specs.append(_chunk(chunk))
   inputs += [states, d_states, d_o]
   in_specs += [_chunk(key_dim, value_dim), _chunk(key_dim, value_dim),
                _chunk(chunk, value_dim)]
+  if delta:
+    inputs.append(d_w)
+    in_specs.append(_chunk(chunk, value_dim))
+  third = (jax.ShapeDtypeStruct(k.shape, k.dtype) if delta
+           else jax.ShapeDtypeStruct(w.shape, w.dtype))
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-               jax.ShapeDtypeStruct(v.shape, v.dtype),
-               jax.ShapeDtypeStruct((rows, num, chunk), f32)]
-  out_specs = [_chunk(chunk, key_dim), _chunk(chunk, key_dim), _chunk(chunk, value_dim),
-               _chunk(chunk)]
+               third, jax.ShapeDtypeStruct((rows, num, chunk), f32)]
+  out_specs = [_chunk(chunk, key_dim), _chunk(chunk, key_dim),
+               _chunk(chunk, key_dim if delta else value_dim), _chunk(chunk)]
   return tuple(pl.pallas_call(
       kernel, grid=(rows, num), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=_params(blocks), interpret=interpret, name="scalar_gate_gradients",

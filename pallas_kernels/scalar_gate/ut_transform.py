@@ -1,0 +1,333 @@
+"""GPU kernels (Pallas Triton) for the UT transform of the delta rule, one chunk per program.
+
+One chunk of C tokens of one row (a batch*head pair): keys k and their
+projections p [C, K], values v [C, V] (matmul dtype), write strengths beta,
+gate strengths s ("strength") and the in-chunk cumulative log gate cum [C]
+(float32), and rel [C] int32, the documents started in the chunk up to each
+token (`jaxlin.ops.chunking.documents_in_chunk`; absent: one document):
+
+    M_ij = [j < i] [rel_i = rel_j]                      (strict causal, same document)
+    E_ij = exp(cum_i - cum_j) M_ij                       (masked before the exp)
+    L_ij = s_i (p_i . k_j) E_ij                          (strictly lower)
+    T    = (I + L)^{-1}
+    a_i  = exp(cum_i) [rel_i = 0]                        (reach of the incoming state)
+    U    = T Diag(beta) V        W_k = T Diag(s a) P
+
+as `u_wk` of `jaxlin.ops.delta.chunk_terms`. T is built as in
+`jaxlin.ops.triangular`: 16-row blocks, each 16 x 16 diagonal block of I + L
+inverted by forward substitution (a rank-1 update per column, 15 of them), the
+blocks below the diagonal by matmuls T_IJ = -T_II sum_{J <= M < I} L_IM T_MJ.
+
+Backward, with X = [Diag(beta) V | Diag(s a) P], Y = T X = [U | W_k] and the
+cotangents dY = [dU | dW_k]:
+
+    dX = T^T dY                  dL = -(T^T dY X^T T^T) o M = -(dX Y^T) o M
+    G  = Diag(s) (dL o E)        dp = G k + Diag(s a) dX_P      dk = G^T p
+    dv = Diag(beta) dX_V         dbeta_i = dX_V,i . v_i
+    ds_i   = sum_j (dL o E o P K^T)_ij + a_i (dX_P,i . p_i)
+    dcum_i = sum_j (dL o L)_ij - sum_j (dL o L)_ji + s_i a_i (dX_P,i . p_i)
+
+T [C, C] float32 is kept from the forward pass for the backward one. Products
+that apply T take T and X in the matmul dtype (float32 accumulation); the
+inverse itself is float32 throughout.
+
+Legend: R rows (batch * heads), N chunks, C chunk length, K key dim, V value dim.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from pallas_kernels.chunk_recurrence.chunk_math import dot
+
+f32 = jnp.float32
+BLOCK = 16                 # rows of a block of the inverse
+CHUNKS = (16, 32, 64)      # chunk lengths the kernels take
+DIM_RANGE = (16, 256)      # K and V: powers of two in this range
+
+
+class Rows(NamedTuple):
+  """One chunk's inputs, split into 16-row blocks (lists indexed by block)."""
+  k: list[jax.Array]          # [16, K] matmul dtype
+  p: list[jax.Array]          # [16, K]
+  v: list[jax.Array]          # [16, V]
+  beta: list[jax.Array]       # [16] float32
+  strength: list[jax.Array]   # [16] float32: s
+  cum: list[jax.Array]        # [16] float32
+  rel: list[jax.Array | None]  # [16] int32 or None
+  incoming: list[jax.Array]   # [16] float32: a = exp(cum) [rel = 0]
+
+
+def _rows(num: int, k_ref: Any, p_ref: Any, v_ref: Any, beta_ref: Any, s_ref: Any,
+          cum_ref: Any, rel_ref: Any | None) -> Rows:
+  """Loads the `num` 16-row blocks of one chunk with static slices."""
+  def block(ref: Any, i: int) -> jax.Array:
+    rows = pl.ds(i * BLOCK, BLOCK)
+    return ref[rows] if len(ref.shape) == 1 else ref[rows, :]
+
+  blocks = lambda ref: [block(ref, i) for i in range(num)]
+  cum = blocks(cum_ref)
+  rel = [None] * num if rel_ref is None else blocks(rel_ref)
+  incoming = [jnp.exp(c) if r is None else jnp.where(r == 0, jnp.exp(c), 0.0)
+              for c, r in zip(cum, rel)]
+  return Rows(blocks(k_ref), blocks(p_ref), blocks(v_ref), blocks(beta_ref), blocks(s_ref),
+              cum, rel, incoming)
+
+
+def _pair(rows: Rows, i: int, j: int) -> tuple[jax.Array, jax.Array]:
+  """(P_I K_J^T, E_IJ) of block row i and block column j <= i: [16, 16] float32."""
+  scores = dot(rows.p[i], rows.k[j], trans_b=True)
+  mask = None
+  if i == j:
+    row = jax.lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1)
+    mask = col < row
+  if rows.rel[i] is not None:
+    same = rows.rel[i][:, None] == rows.rel[j][None, :]
+    mask = same if mask is None else mask & same
+  gaps = rows.cum[i][:, None] - rows.cum[j][None, :]
+  if mask is None:
+    return scores, jnp.exp(gaps)
+  return scores, jnp.where(mask, jnp.exp(jnp.where(mask, gaps, 0.0)), 0.0)
+
+
+def _invert_diagonal(lower: jax.Array) -> jax.Array:
+  """(I + L)^{-1} of one strictly lower [16, 16] block by forward substitution.
+
+  Column by column: once row j of T is final, its share -L_ij T_j is taken
+  from every later row i (a rank-1 update; L_ij = 0 for i <= j).
+  """
+  row = jax.lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0)
+  col = jax.lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1)
+  inverse = jnp.where(row == col, 1.0, 0.0).astype(f32)
+  for j in range(BLOCK - 1):
+    done = jnp.sum(jnp.where(row == j, inverse, 0.0), axis=0)         # T_j, [16] over columns
+    weights = jnp.sum(jnp.where(col == j, lower, 0.0), axis=1)        # L_:j, [16] over rows
+    inverse = inverse - weights[:, None] * done[None, :]
+  return inverse
+
+
+def _inverse(lower: dict[tuple[int, int], jax.Array], num: int) -> dict[tuple[int, int], jax.Array]:
+  """The blocks T_IJ (J <= I) of (I + L)^{-1} from the blocks L_IJ (J <= I), float32."""
+  inverse = {(i, i): _invert_diagonal(lower[i, i]) for i in range(num)}
+  for i in range(1, num):
+    for j in range(i):
+      acc = dot(lower[i, j], inverse[j, j])
+      for m in range(j + 1, i):
+        acc += dot(lower[i, m], inverse[m, j])
+      inverse[i, j] = -dot(inverse[i, i], acc)
+  return inverse
+
+
+def _params(num_warps: int) -> pl_triton.CompilerParams:
+  return pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
+
+
+def _chunk(*block: int) -> pl.BlockSpec:
+  """Chunk n of row r of a [R, N, *block] array."""
+  return pl.BlockSpec((None, None, *block), lambda r, n: (r, n) + (0,) * len(block))
+
+
+def _check(k: jax.Array, p: jax.Array, v: jax.Array, beta: jax.Array, strength: jax.Array,
+           cum: jax.Array, rel: jax.Array | None) -> None:
+  rows, num, chunk, key_dim = k.shape
+  value_dim = v.shape[-1]
+  if chunk not in CHUNKS:
+    raise ValueError(f"chunk length {chunk} must be one of {CHUNKS}")
+  for name, dim in (("K", key_dim), ("V", value_dim)):
+    if dim & (dim - 1) or not DIM_RANGE[0] <= dim <= DIM_RANGE[1]:
+      raise ValueError(f"{name} = {dim} must be a power of two in {list(DIM_RANGE)}")
+  if p.shape != k.shape or v.shape[:3] != k.shape[:3]:
+    raise ValueError(f"shapes k {k.shape}, p {p.shape}, v {v.shape} do not agree")
+  if not k.dtype == p.dtype == v.dtype:
+    raise ValueError(f"k, p, v must share one dtype, got {k.dtype}, {p.dtype}, {v.dtype}")
+  for name, x in (("beta", beta), ("strength", strength), ("cum", cum)):
+    if x.shape != (rows, num, chunk) or x.dtype != f32:
+      raise ValueError(f"{name} must be float32 {(rows, num, chunk)}, got {x.dtype} {x.shape}")
+  if rel is not None and (rel.shape != (rows, num, chunk) or rel.dtype != jnp.int32):
+    raise ValueError(f"rel must be int32 {(rows, num, chunk)}, got {rel.dtype} {rel.shape}")
+
+
+def ut_transform(k: jax.Array, p: jax.Array, v: jax.Array, beta: jax.Array,
+                 strength: jax.Array, cum: jax.Array, rel: jax.Array | None, *,
+                 num_warps: int = 4, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """(U [R,N,C,V], W_k [R,N,C,K]) of every chunk, in the matmul dtype.
+
+  With M_ij = [j < i][rel_i = rel_j], E_ij = exp(cum_i - cum_j) M_ij,
+  L_ij = s_i (p_i . k_j) E_ij, T = (I + L)^{-1} and a_i = exp(cum_i) [rel_i = 0]:
+
+      U = T Diag(beta) V        W_k = T Diag(s a) P        (s = strength)
+
+  k, p: [R,N,C,K]; v: [R,N,C,V] (bf16, f16 or float32, one dtype); beta,
+  strength, cum: [R,N,C] float32; rel: [R,N,C] int32 documents started in the
+  chunk up to each token, or None (one document). C in {16, 32, 64}; K and V
+  powers of two in [16, 256]. Differentiable in k, p, v, beta, strength, cum
+  (one Pallas kernel each way, a program per chunk); rel gets no gradient.
+  """
+  _check(k, p, v, beta, strength, cum, rel)
+  return _ut(num_warps, interpret, k, p, v, beta, strength, cum, rel)
+
+
+def _forward_call(num_warps: int, interpret: bool, k: jax.Array, p: jax.Array, v: jax.Array,
+                  beta: jax.Array, strength: jax.Array, cum: jax.Array,
+                  rel: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(U, W_k, T [R,N,C,C] float32) of every chunk."""
+  rows, num, chunk, key_dim = k.shape
+  value_dim = v.shape[-1]
+  blocks = chunk // BLOCK
+  docs = rel is not None
+
+  def kernel(*refs: Any) -> None:
+    k_ref, p_ref, v_ref, beta_ref, s_ref, cum_ref, *rest = refs
+    rel_ref, u_ref, w_ref, t_ref = rest if docs else (None, *rest)
+    mm = k_ref.dtype
+    x = _rows(blocks, k_ref, p_ref, v_ref, beta_ref, s_ref, cum_ref, rel_ref)
+    lower = {}
+    for i in range(blocks):
+      for j in range(i + 1):
+        scores, decays = _pair(x, i, j)
+        lower[i, j] = x.strength[i][:, None] * scores * decays
+    inverse = _inverse(lower, blocks)
+    x_v = [(b[:, None] * v.astype(f32)).astype(mm) for b, v in zip(x.beta, x.v)]
+    x_p = [((s * a)[:, None] * p.astype(f32)).astype(mm)
+           for s, a, p in zip(x.strength, x.incoming, x.p)]
+    for i in range(blocks):
+      rows_i = pl.ds(i * BLOCK, BLOCK)
+      u = jnp.zeros((BLOCK, value_dim), f32)
+      w = jnp.zeros((BLOCK, key_dim), f32)
+      for j in range(i + 1):
+        t_ij = inverse[i, j].astype(mm)
+        u += dot(t_ij, x_v[j])
+        w += dot(t_ij, x_p[j])
+      u_ref[rows_i, :] = u.astype(u_ref.dtype)
+      w_ref[rows_i, :] = w.astype(w_ref.dtype)
+      for j in range(blocks):
+        t_ij = inverse[i, j] if j <= i else jnp.zeros((BLOCK, BLOCK), f32)
+        t_ref[rows_i, pl.ds(j * BLOCK, BLOCK)] = t_ij
+
+  inputs = [k, p, v, beta, strength, cum] + ([rel] if docs else [])
+  in_specs = [_chunk(chunk, key_dim), _chunk(chunk, key_dim), _chunk(chunk, value_dim)]
+  in_specs += [_chunk(chunk)] * (4 if docs else 3)
+  out_shape = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+               jax.ShapeDtypeStruct((rows, num, chunk, chunk), f32)]
+  out_specs = [_chunk(chunk, value_dim), _chunk(chunk, key_dim), _chunk(chunk, chunk)]
+  return tuple(pl.pallas_call(
+      kernel, grid=(rows, num), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=_params(num_warps), interpret=interpret, name="ut_transform_fwd",
+  )(*inputs))
+
+
+def _backward_call(num_warps: int, interpret: bool, k: jax.Array, p: jax.Array, v: jax.Array,
+                   beta: jax.Array, strength: jax.Array, cum: jax.Array, rel: jax.Array | None,
+                   inverse: jax.Array, u: jax.Array, w: jax.Array, d_u: jax.Array,
+                   d_w: jax.Array) -> tuple[jax.Array, ...]:
+  """(dk, dp, dv in the inputs' dtype, dbeta, dstrength, dcum float32) of every chunk."""
+  rows, num, chunk, key_dim = k.shape
+  value_dim = v.shape[-1]
+  blocks = chunk // BLOCK
+  docs = rel is not None
+
+  def kernel(*refs: Any) -> None:
+    k_ref, p_ref, v_ref, beta_ref, s_ref, cum_ref, *rest = refs
+    rel_ref, *rest = rest if docs else (None, *rest)
+    (t_ref, u_ref, w_ref, du_ref, dw_ref,
+     dk_ref, dp_ref, dv_ref, dbeta_ref, ds_ref, dcum_ref) = rest
+    mm = k_ref.dtype
+    x = _rows(blocks, k_ref, p_ref, v_ref, beta_ref, s_ref, cum_ref, rel_ref)
+    row_block = lambda ref, i: ref[pl.ds(i * BLOCK, BLOCK), :]
+    y_u = [row_block(u_ref, i) for i in range(blocks)]
+    y_w = [row_block(w_ref, i) for i in range(blocks)]
+    dy_u = [row_block(du_ref, i).astype(mm) for i in range(blocks)]
+    dy_w = [row_block(dw_ref, i).astype(mm) for i in range(blocks)]
+    # dX = T^T dY, block column j of T against block rows i >= j of dY.
+    d_xv, d_xp = [], []
+    for j in range(blocks):
+      acc_v = jnp.zeros((BLOCK, value_dim), f32)
+      acc_p = jnp.zeros((BLOCK, key_dim), f32)
+      for i in range(j, blocks):
+        t_ij = t_ref[pl.ds(i * BLOCK, BLOCK), pl.ds(j * BLOCK, BLOCK)].astype(mm)
+        acc_v += dot(t_ij, dy_u[i], trans_a=True)
+        acc_p += dot(t_ij, dy_w[i], trans_a=True)
+      d_xv.append(acc_v)
+      d_xp.append(acc_p)
+    # Through X: dv, dbeta, and the P columns' share of dp, ds, dcum.
+    d_v = [b[:, None] * d for b, d in zip(x.beta, d_xv)]
+    d_beta = [jnp.sum(d * v.astype(f32), axis=1) for d, v in zip(d_xv, x.v)]
+    reach = [jnp.sum(d * p.astype(f32), axis=1) for d, p in zip(d_xp, x.p)]  # dX_P . p
+    d_p = [(s * a)[:, None] * d for s, a, d in zip(x.strength, x.incoming, d_xp)]
+    d_s = [a * r for a, r in zip(x.incoming, reach)]
+    d_cum = [s * a * r for s, a, r in zip(x.strength, x.incoming, reach)]
+    d_k = [jnp.zeros((BLOCK, key_dim), f32) for _ in range(blocks)]
+    # Through L: dL = -(dX Y^T) on M's support (E is 0 off it).
+    d_xv_mm = [d.astype(mm) for d in d_xv]
+    d_xp_mm = [d.astype(mm) for d in d_xp]
+    for i in range(blocks):
+      s_i = x.strength[i][:, None]
+      for j in range(i + 1):
+        scores, decays = _pair(x, i, j)
+        d_lower = -(dot(d_xv_mm[i], y_u[j], trans_b=True) + dot(d_xp_mm[i], y_w[j], trans_b=True))
+        d_scaled = d_lower * decays                                     # dL o E
+        through = d_scaled * scores                                     # dL o E o P K^T
+        d_s[i] += jnp.sum(through, axis=1)
+        gaps = s_i * through                                            # dL o L
+        d_cum[i] += jnp.sum(gaps, axis=1)
+        d_cum[j] -= jnp.sum(gaps, axis=0)
+        g = (s_i * d_scaled).astype(mm)                                 # G
+        d_p[i] += dot(g, x.k[j])
+        d_k[j] += dot(g, x.p[i], trans_a=True)
+    for i in range(blocks):
+      rows_i = pl.ds(i * BLOCK, BLOCK)
+      dk_ref[rows_i, :] = d_k[i].astype(dk_ref.dtype)
+      dp_ref[rows_i, :] = d_p[i].astype(dp_ref.dtype)
+      dv_ref[rows_i, :] = d_v[i].astype(dv_ref.dtype)
+      dbeta_ref[rows_i] = d_beta[i]
+      ds_ref[rows_i] = d_s[i]
+      dcum_ref[rows_i] = d_cum[i]
+
+  inputs = [k, p, v, beta, strength, cum] + ([rel] if docs else [])
+  inputs += [inverse, u, w, d_u, d_w]
+  in_specs = [_chunk(chunk, key_dim), _chunk(chunk, key_dim), _chunk(chunk, value_dim)]
+  in_specs += [_chunk(chunk)] * (4 if docs else 3)
+  in_specs += [_chunk(chunk, chunk), _chunk(chunk, value_dim), _chunk(chunk, key_dim),
+               _chunk(chunk, value_dim), _chunk(chunk, key_dim)]
+  vector = jax.ShapeDtypeStruct((rows, num, chunk), f32)
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(p.shape, p.dtype),
+               jax.ShapeDtypeStruct(v.shape, v.dtype), vector, vector, vector]
+  out_specs = [_chunk(chunk, key_dim), _chunk(chunk, key_dim), _chunk(chunk, value_dim),
+               _chunk(chunk), _chunk(chunk), _chunk(chunk)]
+  return tuple(pl.pallas_call(
+      kernel, grid=(rows, num), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=_params(num_warps), interpret=interpret, name="ut_transform_bwd",
+  )(*inputs))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _ut(num_warps: int, interpret: bool, k: jax.Array, p: jax.Array, v: jax.Array,
+        beta: jax.Array, strength: jax.Array, cum: jax.Array,
+        rel: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  u, w, _ = _forward_call(num_warps, interpret, k, p, v, beta, strength, cum, rel)
+  return u, w
+
+
+def _ut_forward(num_warps: int, interpret: bool, k: jax.Array, p: jax.Array, v: jax.Array,
+                beta: jax.Array, strength: jax.Array, cum: jax.Array,
+                rel: jax.Array | None) -> tuple[tuple[jax.Array, jax.Array], tuple]:
+  u, w, inverse = _forward_call(num_warps, interpret, k, p, v, beta, strength, cum, rel)
+  return (u, w), (k, p, v, beta, strength, cum, rel, inverse, u, w)
+
+
+def _ut_backward(num_warps: int, interpret: bool, residuals: tuple,
+                 cotangents: tuple[jax.Array, jax.Array]) -> tuple:
+  d_u, d_w = cotangents
+  grads = _backward_call(num_warps, interpret, *residuals, d_u.astype(residuals[2].dtype),
+                         d_w.astype(residuals[0].dtype))
+  return (*grads, None)
+
+
+_ut.defvjp(_ut_forward, _ut_backward)

@@ -165,7 +165,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--V", type=int, default=128)
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
   p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
-  p.add_argument("--impls", nargs="+", default=["pallas", "pallas-terms", "xla", "fla"])
+  p.add_argument("--impls", nargs="*", default=["pallas", "pallas-terms", "xla", "fla"])
   p.add_argument("--runs", type=int, default=10)
   p.add_argument("--block-v", type=int, nargs="*", default=[],
                  help="also time the kernel with these BlockSizes.block_v "

@@ -80,6 +80,7 @@ G_CASES = {
 D_CASES = {
     "deltanet-segments": dict(gate=None, segments=True, initial_state=True),
     "gated-deltanet": dict(gate="scalar", initial_state=True),
+    "gated-deltanet-strong-segments": dict(gate="scalar", gate_strength="strong", segments=True),
     "comba-segments": dict(gate="scalar", removal_key=True, removal=True, segments=True,
                            initial_state=True),
 }

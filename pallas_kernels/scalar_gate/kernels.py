@@ -121,6 +121,15 @@ def _rel(rel_ref) -> jax.Array | None:
   return None if rel_ref is None else rel_ref[...]
 
 
+def _gate_operands(q: jax.Array, k: jax.Array, b: jax.Array,
+                   rel: jax.Array | None) -> tuple[list, list]:
+  """(inputs, in_specs) of q, k, b and rel if present, for a grid (R, N, value blocks)."""
+  chunk, key_dim = q.shape[2:]
+  inputs = [q, k, b] + ([] if rel is None else [rel])
+  specs = [_chunk(chunk, key_dim), _chunk(chunk, key_dim)] + [_chunk(chunk)] * (len(inputs) - 2)
+  return inputs, specs
+
+
 def _scores(q: jax.Array, k: jax.Array, dec: ChunkDecays) -> jax.Array:
   """A = (q k^T) o E of one chunk, float32."""
   return dot(q, k, trans_b=True) * dec.pairs
@@ -149,11 +158,7 @@ def output_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
     o = dec.incoming * dot(qv, s_ref[...]) + dot(scores, w_ref[...])
     o_ref[...] = o.astype(o_ref.dtype)
 
-  in_specs = [_chunk(chunk, key_dim), _chunk(chunk, key_dim), _chunk(chunk)]
-  inputs = [q, k, b]
-  if docs:
-    in_specs.append(_chunk(chunk))
-    inputs.append(rel)
+  inputs, in_specs = _gate_operands(q, k, b, rel)
   in_specs += [_chunk(key_dim, bv, value=True), _chunk(chunk, bv, value=True)]
   return pl.pallas_call(
       kernel, grid=(rows, num, value_dim // bv), in_specs=in_specs,
@@ -180,11 +185,7 @@ def scores_transpose_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Arr
     scores = _scores(q_ref[...], k_ref[...], dec).astype(q_ref.dtype)
     out_ref[...] = dot(scores, do_ref[...], trans_a=True)
 
-  in_specs = [_chunk(chunk, key_dim), _chunk(chunk, key_dim), _chunk(chunk)]
-  inputs = [q, k, b]
-  if docs:
-    in_specs.append(_chunk(chunk))
-    inputs.append(rel)
+  inputs, in_specs = _gate_operands(q, k, b, rel)
   return pl.pallas_call(
       kernel, grid=(rows, num, value_dim // bv),
       in_specs=in_specs + [_chunk(chunk, bv, value=True)],

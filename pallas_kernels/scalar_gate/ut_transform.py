@@ -134,6 +134,16 @@ def _chunk(*block: int) -> pl.BlockSpec:
   return pl.BlockSpec((None, None, *block), lambda r, n: (r, n) + (0,) * len(block))
 
 
+def _chunk_operands(k: jax.Array, p: jax.Array, v: jax.Array, beta: jax.Array,
+                    strength: jax.Array, cum: jax.Array,
+                    rel: jax.Array | None) -> tuple[list[jax.Array], list[pl.BlockSpec]]:
+  """(inputs, in_specs) of the per-chunk operands both kernels take (rel only if present)."""
+  chunk, key_dim = k.shape[2:]
+  inputs = [k, p, v, beta, strength, cum] + ([] if rel is None else [rel])
+  specs = [_chunk(chunk, key_dim), _chunk(chunk, key_dim), _chunk(chunk, v.shape[-1])]
+  return inputs, specs + [_chunk(chunk)] * (len(inputs) - 3)
+
+
 def _check(k: jax.Array, p: jax.Array, v: jax.Array, beta: jax.Array, strength: jax.Array,
            cum: jax.Array, rel: jax.Array | None) -> None:
   rows, num, chunk, key_dim = k.shape
@@ -211,9 +221,7 @@ def _forward_call(num_warps: int, interpret: bool, k: jax.Array, p: jax.Array, v
         t_ij = inverse[i, j] if j <= i else jnp.zeros((BLOCK, BLOCK), f32)
         t_ref[rows_i, pl.ds(j * BLOCK, BLOCK)] = t_ij
 
-  inputs = [k, p, v, beta, strength, cum] + ([rel] if docs else [])
-  in_specs = [_chunk(chunk, key_dim), _chunk(chunk, key_dim), _chunk(chunk, value_dim)]
-  in_specs += [_chunk(chunk)] * (4 if docs else 3)
+  inputs, in_specs = _chunk_operands(k, p, v, beta, strength, cum, rel)
   out_shape = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                jax.ShapeDtypeStruct((rows, num, chunk, chunk), f32)]
   out_specs = [_chunk(chunk, value_dim), _chunk(chunk, key_dim), _chunk(chunk, chunk)]
@@ -290,10 +298,8 @@ def _backward_call(num_warps: int, interpret: bool, k: jax.Array, p: jax.Array, 
       ds_ref[rows_i] = d_s[i]
       dcum_ref[rows_i] = d_cum[i]
 
-  inputs = [k, p, v, beta, strength, cum] + ([rel] if docs else [])
+  inputs, in_specs = _chunk_operands(k, p, v, beta, strength, cum, rel)
   inputs += [inverse, u, w, d_u, d_w]
-  in_specs = [_chunk(chunk, key_dim), _chunk(chunk, key_dim), _chunk(chunk, value_dim)]
-  in_specs += [_chunk(chunk)] * (4 if docs else 3)
   in_specs += [_chunk(chunk, chunk), _chunk(chunk, value_dim), _chunk(chunk, key_dim),
                _chunk(chunk, value_dim), _chunk(chunk, key_dim)]
   vector = jax.ShapeDtypeStruct((rows, num, chunk), f32)

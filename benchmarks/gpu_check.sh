@@ -3,9 +3,9 @@
 #
 # Usage (from the repo root, on the GPU host; fla-core's wheel in .whl/ if you want fla rows):
 #   bash benchmarks/gpu_check.sh [quick|full]
-# quick (default, ~5 min): kernel tests on the GPU, kernels.py at T=8192 for simple GLA and
+# quick (default, ~8 min): kernel tests on the GPU, kernels.py at T=8192 for simple GLA, GLA and
 #   Gated DeltaNet (pallas, pallas-terms, fla), kernel_breakdown.py at T=8192.
-# full: also T=2048, the GLA per-key case, xla, and a warps sweep of the scalar-gate kernels.
+# full: also T=2048, xla, and a warps sweep of the fused-terms kernels.
 # Every step has its own time limit and the script goes on after a failure; JSON results land in
 # ${OUT:-/tmp}/ (kernels_gpu.json, kernel_breakdown_gpu.json, sweep_gpu.json).
 set -uo pipefail
@@ -30,15 +30,16 @@ step() {  # step <seconds> <description> <command...>
 
 python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
 step 240 "kernel tests on the GPU" python3 -m pytest -q -x -p no:cacheprovider \
-  tests/test_kernels.py -k "gpu or fall or support or block or scalar_gate"
-step 240 "kernels.py T=8192" python3 benchmarks/kernels.py --T 8192 \
-  --cases simple_gla gated_deltanet --impls pallas pallas-terms fla --out "$out/kernels_gpu.json"
+  tests/test_kernels.py tests/test_kernels_key_gate.py tests/test_kernels_ut_transform.py \
+  -k "gpu or fall or support or block or fused_terms or matches or lowers"
+step 300 "kernels.py T=8192" python3 benchmarks/kernels.py --T 8192 \
+  --impls pallas pallas-terms fla --out "$out/kernels_gpu.json"
 step 180 "kernel_breakdown.py T=8192" python3 benchmarks/kernel_breakdown.py --T 8192 \
   --out "$out/kernel_breakdown_gpu.json"
 if [[ $mode == full ]]; then
-  step 300 "kernels.py T=2048 and GLA" python3 benchmarks/kernels.py --T 2048 8192 \
+  step 300 "kernels.py T=2048, and xla" python3 benchmarks/kernels.py --T 2048 8192 \
     --impls pallas xla fla --out "$out/kernels_gpu_full.json"
-  step 300 "scalar-gate warps sweep" python3 benchmarks/kernels.py --T 8192 \
-    --cases simple_gla gated_deltanet --impls --block-v 64 --block-k 64 --num-warps 4 8 \
+  step 300 "fused-terms warps sweep" python3 benchmarks/kernels.py --T 8192 \
+    --impls --block-v 64 --block-k 64 --num-warps 4 8 \
     --chunk-warps 4 8 --out "$out/sweep_gpu.json"
 fi

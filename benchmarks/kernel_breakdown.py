@@ -4,11 +4,11 @@ Usage: python benchmarks/kernel_breakdown.py [--T 8192] [--cases simple_gla gate
        python benchmarks/kernel_breakdown.py --quick   # CPU smoke test: tiny shapes, interpreter
 
 For each case, forward+backward milliseconds of
-  whole        the op with impl="pallas": on GPU the scalar-gate kernels
-               (`pallas_kernels.scalar_gate`), gradient of sum(o * do)
+  whole        the op with impl="pallas": on GPU the `pallas_kernels.fused_terms`
+               kernels, gradient of sum(o * do)
   recurrence   only `gated_chunks` / `delta_chunks` (state, output and gradient kernels)
   ut           (delta rule) only the `ut_transform` kernels
-and of the generic path (`KernelOptions(scalar_gate=False)`):
+and of the generic path (`KernelOptions(fused_terms=False)`):
   whole-terms  the op with the in-chunk terms in XLA + `chunk_recurrence`
   terms        only the in-chunk terms (`chunk_terms`), gradient of a random projection of them
   kernel       only `chunk_recurrence` on precomputed terms, gradient of sum(o * do)
@@ -33,9 +33,9 @@ import ops as op_benchmark  # noqa: E402
 from jaxlin.ops import delta, gated, triangular  # noqa: E402
 from pallas_kernels.chunk_recurrence import BlockSizes, chunk_recurrence  # noqa: E402
 from pallas_kernels.dispatch import KernelOptions  # noqa: E402
-from pallas_kernels.scalar_gate import delta_chunks, gated_chunks  # noqa: E402
-from pallas_kernels.scalar_gate.layout import RowLayout  # noqa: E402
-from pallas_kernels.scalar_gate.ut_transform import ut_transform  # noqa: E402
+from pallas_kernels.fused_terms import delta_chunks, gated_chunks  # noqa: E402
+from pallas_kernels.fused_terms.layout import RowLayout  # noqa: E402
+from pallas_kernels.fused_terms.ut_transform import ut_transform  # noqa: E402
 
 
 def _grad_seconds(loss, args: list, argnums: tuple[int, ...], runs: int) -> float:
@@ -44,8 +44,8 @@ def _grad_seconds(loss, args: list, argnums: tuple[int, ...], runs: int) -> floa
   return op_benchmark.median_seconds(fn, *args, min_runs=runs, max_runs=runs, min_total_s=0.0)
 
 
-def _scalar_gate_parts(case: str, x: dict, runs: int, interpret: bool) -> dict[str, float]:
-  """Forward+backward seconds of the scalar-gate kernels alone ("recurrence", "ut")."""
+def _fused_parts(case: str, x: dict, runs: int, interpret: bool) -> dict[str, float]:
+  """Forward+backward seconds of the `fused_terms` kernels alone ("recurrence", "ut")."""
   batch, time_, heads, key_dim = x["q"].shape
   layout = RowLayout(batch, heads, time_, kb.CHUNK)
   bf = lambda a: layout.rows(a, jnp.bfloat16)
@@ -108,9 +108,8 @@ def main() -> None:
     whole = lambda opts: kb.time_jax(case, "pallas", inputs, jnp.bfloat16, args.runs,
                                      opts)["forward+backward"]
     timing["whole"] = whole(options())
-    if case != "gla":
-      timing.update(_scalar_gate_parts(case, x, args.runs, interpret))
-    timing["whole-terms"] = whole(options(scalar_gate=False))
+    timing.update(_fused_parts(case, x, args.runs, interpret))
+    timing["whole-terms"] = whole(options(fused_terms=False))
 
     terms = _terms_fn(case)
     outs = jax.jit(terms)(x)

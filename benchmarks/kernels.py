@@ -10,8 +10,8 @@ Cases, on the same inputs (keys L2-normalised; gates log-sigmoid of N(3, 1) scal
   gla               G family, per-key gate [B,T,H,K]        fla: chunk_gla
   gated_deltanet    D family, scalar gate, beta [B,T,H]     fla: chunk_gated_delta_rule
 each with jaxlin impl "pallas" (the kernel for this backend), "pallas-terms" (on GPU: the
-in-chunk terms in XLA and the generic kernels even where `pallas_kernels.scalar_gate`
-applies, i.e. `KernelOptions(scalar_gate=False)`) and "xla", and fla when the `fla`
+in-chunk terms in XLA and the generic kernels instead of `pallas_kernels.fused_terms`,
+i.e. `KernelOptions(fused_terms=False)`) and "xla", and fla when the `fla`
 package (fla-core) and torch with CUDA are importable. "forward" times the op alone,
 "forward+backward" the gradient of sum(o * do) with respect to every input (q, k, v, g, beta).
 
@@ -175,7 +175,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--num-warps", type=int, nargs="*", default=[4],
                  help="with --block-v: Triton num_warps values to try (state kernels)")
   p.add_argument("--chunk-warps", type=int, nargs="*", default=[8],
-                 help="with --block-v: BlockSizes.chunk_warps values to try (the scalar-gate "
+                 help="with --block-v: BlockSizes.chunk_warps values to try (the `fused_terms` "
                       "per-chunk kernels; impl 'pallas:block_v:block_k:warps:chunk_warps')")
   p.add_argument("--quick", action="store_true", help="B=1 H=2 K=V=64 T=128, 3 runs")
   p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "kernels.json"))
@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             timings[impl] = time_fla(case, inputs, args.runs)
           elif impl == "pallas-terms":
             timings[impl] = time_jax(case, "pallas", inputs, dtype, args.runs,
-                                     KernelOptions(scalar_gate=False))
+                                     KernelOptions(fused_terms=False))
           elif impl.startswith("pallas:"):
             _, bv, bk, warps, chunk_warps = impl.split(":")
             blocks = BlockSizes(block_v=int(bv), block_k=int(bk), num_warps=int(warps),

@@ -32,15 +32,15 @@ class KernelOptions:
     `jax.export(..., platforms=[...])` (lowering checks without the hardware).
   interpret: run the kernel in the Pallas interpreter (CPU tests of either kernel).
   block_sizes: tiling; default `BlockSizes.default(platform, K, V)`.
-  scalar_gate: on GPU, run scalar-gate (or ungated) calls with K <= 128 through
-    `pallas_kernels.scalar_gate`, whose kernels form the in-chunk terms (and the
-    delta rule's UT transform) themselves; False forms them in XLA and runs the
-    generic `chunk_recurrence` kernels.
+  fused_terms: on GPU, run calls with K <= 128 and no RWKV6 bonus through
+    `pallas_kernels.fused_terms`, whose kernels form the in-chunk terms (scores,
+    decays, document masks, the delta rule's UT transform) themselves; False forms
+    them in XLA and runs the generic `chunk_recurrence` kernels.
   """
   platform: str | None = None
   interpret: bool = False
   block_sizes: BlockSizes | None = None
-  scalar_gate: bool = True
+  fused_terms: bool = True
 
 
 def backend_platform() -> str:

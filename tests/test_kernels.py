@@ -71,7 +71,7 @@ def test_chunk_recurrence_matches_scan(platform: str, with_w_k: bool) -> None:
 G_CASES = {
     "bla-segments": dict(gate=None, segments=True, initial_state=True),
     "scalar-bonus": dict(gate="scalar", bonus=True, initial_state=True),
-    # On GPU: the scalar-gate kernels (in-chunk terms formed in the kernel).
+    # On GPU (as every G case without a bonus): the in-chunk terms formed in the kernels.
     "scalar-segments-strong": dict(gate="scalar", gate_strength="strong", segments=True,
                                    initial_state=True),
     "vector-segments": dict(gate="vector", segments=True, initial_state=True),
@@ -153,41 +153,45 @@ def test_support_predicate() -> None:
       16, 16, 32, 64, 64, 64, 64, 64]
 
 
-def test_scalar_gate_kernels_are_chosen_for_scalar_gates_on_gpu() -> None:
-  """The GPU scalar-gate kernels take scalar gates and none, without bonus, K <= 128 (G), and
-  every D call with K <= 128."""
-  from pallas_kernels.gated import uses_scalar_gate_kernels  # pylint: disable=import-outside-toplevel
-  scalar, vector, bonus = jnp.zeros((1, 4, 2)), jnp.zeros((1, 4, 2, 64)), jnp.zeros((2, 64))
-  assert uses_scalar_gate_kernels("gpu", scalar, None, 64)
-  assert uses_scalar_gate_kernels("gpu", None, None, 128)
-  assert not uses_scalar_gate_kernels("gpu", scalar, None, 256)
-  assert not uses_scalar_gate_kernels("gpu", vector, None, 64)
-  assert not uses_scalar_gate_kernels("gpu", scalar, bonus, 64)
-  assert not uses_scalar_gate_kernels("tpu", scalar, None, 64)
+def test_fused_terms_kernels_are_chosen_on_gpu_without_bonus() -> None:
+  """`pallas_kernels.fused_terms` takes GPU calls with K <= 128: every G call without the
+  RWKV6 bonus, every D call."""
   from pallas_kernels import delta as delta_kernels  # pylint: disable=import-outside-toplevel
-  assert delta_kernels.uses_scalar_gate_kernels("gpu", 128)
-  assert not delta_kernels.uses_scalar_gate_kernels("gpu", 256)
-  assert not delta_kernels.uses_scalar_gate_kernels("tpu", 64)
-
-
-def test_scalar_gate_option_selects_the_generic_path(monkeypatch: pytest.MonkeyPatch) -> None:
-  """KernelOptions(scalar_gate=False) runs the XLA-terms path; both give the same answer."""
-  import dataclasses  # pylint: disable=import-outside-toplevel
   from pallas_kernels import gated as gated_kernels  # pylint: disable=import-outside-toplevel
-  d = h.make_inputs(G, B=1, T=40, H=2, **DIMS["gpu"], gate="scalar", segments=True,
+  bonus = jnp.zeros((2, 64))
+  assert gated_kernels.uses_fused_terms("gpu", None, 128)
+  assert not gated_kernels.uses_fused_terms("gpu", None, 256)
+  assert not gated_kernels.uses_fused_terms("gpu", bonus, 64)
+  assert not gated_kernels.uses_fused_terms("tpu", None, 64)
+  assert delta_kernels.uses_fused_terms("gpu", 128)
+  assert not delta_kernels.uses_fused_terms("gpu", 256)
+  assert not delta_kernels.uses_fused_terms("tpu", 64)
+
+
+@pytest.mark.parametrize("family", [G, D])
+def test_fused_terms_option_selects_the_generic_path(family: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+  """KernelOptions(fused_terms=False) runs the XLA-terms path on GPU; both give the same
+  answer."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from pallas_kernels import delta as delta_kernels  # pylint: disable=import-outside-toplevel
+  from pallas_kernels import gated as gated_kernels  # pylint: disable=import-outside-toplevel
+  d = h.make_inputs(family, B=1, T=40, H=2, **DIMS["gpu"], gate="scalar", segments=True,
                     initial_state=True, seed=7)
   fused = _options("gpu")
+  module, name = ((gated_kernels, "gated_chunks") if family == G
+                  else (delta_kernels, "delta_chunks"))
   calls = []
-  real = gated_kernels.gated_chunks
-  monkeypatch.setattr(gated_kernels, "gated_chunks",
-                      lambda *a, **kw: calls.append(1) or real(*a, **kw))
-  run = lambda options: h.op_jit(G, impl="pallas", kernel=options, output_final_state=True)(d)
-  want = run(dataclasses.replace(fused, scalar_gate=False))
+  real = getattr(module, name)
+  monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+  run = lambda options: h.op_jit(family, impl="pallas", kernel=options,
+                                 output_final_state=True)(d)
+  want = run(dataclasses.replace(fused, fused_terms=False))
   assert not calls
   got = run(fused)
   assert calls
   for a, e in zip(got, want):
-    h.assert_close(a, e, rtol=h.XLA_RTOL, atol_rel=h.XLA_ATOL_REL, name="scalar_gate option")
+    h.assert_close(a, e, rtol=h.XLA_RTOL, atol_rel=h.XLA_ATOL_REL, name="fused_terms option")
 
 
 def test_block_sizes_are_checked() -> None:

@@ -6,7 +6,7 @@ shapes a backend rejects and primitives it cannot lower. It does not check VMEM 
 sizes or run anything. Lowered: the forward and the backward kernel (the gradient of a loss).
 Selectable: K, V in `dispatch.GPU_DIMS` / `dispatch.TPU_DIMS`, bf16 / f16 / f32 inputs, with and
 without the delta rule's W_k, at the kernel chunk lengths 16, 32 and 64; and the GPU
-scalar-gate kernels (`pallas_kernels.scalar_gate`) through both ops for K <= 128.
+`pallas_kernels.fused_terms` kernels through both ops for K <= 128 (scalar and per-key gates).
 """
 from __future__ import annotations
 
@@ -112,59 +112,69 @@ def test_ops_lower_through_the_kernel(platform: str, family: str) -> None:
   assert module.count(MARKER[platform]) >= 2
 
 
-def _scalar_gate_configs() -> list:
-  """(family, K, V, dtype, segments, T) of the scalar-gate kernels: a representative set by
-  default, the rest of K x V x dtype x documents marked slow."""
+FUSED_FAMILIES = ("gated", "gated-per-key", "delta")   # scalar gate, per-key gate, delta rule
+
+
+def _fused_terms_configs() -> list:
+  """(family, K, V, dtype, segments, T) of the `fused_terms` kernels: a representative set
+  by default (smaller for the per-key kernels, whose unrolled blocks lower slowly), the
+  rest of K x V x dtype x documents marked slow."""
   fast = {(k, v, jnp.bfloat16, True) for k, v in ((16, 256), (64, 64), (128, 128))}
   fast |= {(64, 64, jnp.float16, False), (64, 64, jnp.float32, True)}
+  fast_per_key = {(128, 128, jnp.bfloat16, True), (64, 64, jnp.float32, True)}
   every = [(k, v, jnp.bfloat16, True) for k in dispatch.GPU_DIMS if k <= 128
            for v in dispatch.GPU_DIMS]
   every += [(64, 64, dt, seg) for dt in (jnp.float16, jnp.float32) for seg in (False, True)]
   configs = []
-  for family in ("gated", "delta"):
+  for family in FUSED_FAMILIES:
     for k, v, dt, seg in every:
-      marks = () if (k, v, dt, seg) in fast else (pytest.mark.slow,)
+      chosen = fast_per_key if family == "gated-per-key" else fast
+      marks = () if (k, v, dt, seg) in chosen else (pytest.mark.slow,)
       configs.append(pytest.param(family, k, v, dt, seg, 100, marks=marks,
                                   id=f"{family}-K{k}-V{v}-{jnp.dtype(dt).name}-"
                                      f"{'docs' if seg else 'nodocs'}"))
     for t in (20, 40):     # chunks of 16 and 32
-      configs.append(pytest.param(family, 64, 64, jnp.bfloat16, False, t,
+      marks = (pytest.mark.slow,) if family == "gated-per-key" and t == 40 else ()
+      configs.append(pytest.param(family, 64, 64, jnp.bfloat16, False, t, marks=marks,
                                   id=f"{family}-K64-V64-bfloat16-T{t}"))
   return configs
 
 
-SCALAR_GATE_CONFIGS = _scalar_gate_configs()
-SCALAR_GATE_KERNELS = {
+FUSED_TERMS_KERNELS = {
     "gated": ("chunk_state_fwd", "scalar_gate_outputs", "chunk_state_bwd",
               "scalar_gate_gradients"),
+    "gated-per-key": ("chunk_state_fwd", "key_gate_outputs", "chunk_state_bwd",
+                      "key_gate_gradients"),
     "delta": ("ut_transform_fwd", "chunk_state_fwd", "scalar_gate_outputs",
               "scalar_gate_scores_t", "chunk_state_bwd", "scalar_gate_gradients",
               "ut_transform_bwd"),
 }
 
 
-@pytest.mark.parametrize("family,key_dim,value_dim,dtype,segments,time_", SCALAR_GATE_CONFIGS)
-def test_scalar_gate_kernels_lower(family: str, key_dim: int, value_dim: int, dtype: jnp.dtype,
+@pytest.mark.parametrize("family,key_dim,value_dim,dtype,segments,time_",
+                         _fused_terms_configs())
+def test_fused_terms_kernels_lower(family: str, key_dim: int, value_dim: int, dtype: jnp.dtype,
                                    segments: bool, time_: int) -> None:
-  """The ops with a scalar gate on GPU through `pallas_kernels.scalar_gate`: every kernel of
-  the forward and backward pass."""
+  """The ops on GPU through `pallas_kernels.fused_terms`: every kernel of the forward and
+  backward pass."""
   from jaxlin.ops import delta_rule, gated_linear_attention  # pylint: disable=import-outside-toplevel
   spec = lambda *shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt)
   options = dispatch.KernelOptions(platform="gpu")
   ids = lambda x: x if segments else None
 
   def loss(q, k, v, g, beta, seg):
-    if family == "gated":
-      o, final = gated_linear_attention(q, k, v, g, segment_ids=ids(seg), impl="pallas",
-                                        kernel=options, output_final_state=True)
-    else:
+    if family == "delta":
       o, final = delta_rule(q, k, v, beta, g, segment_ids=ids(seg), impl="pallas",
                             kernel=options, output_final_state=True)
+    else:
+      o, final = gated_linear_attention(q, k, v, g, segment_ids=ids(seg), impl="pallas",
+                                        kernel=options, output_final_state=True)
     return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(final)
 
   scalar = spec(1, time_, 2, dt=jnp.float32)
+  gate = spec(1, time_, 2, key_dim, dt=jnp.float32) if family == "gated-per-key" else scalar
   args = (spec(1, time_, 2, key_dim), spec(1, time_, 2, key_dim), spec(1, time_, 2, value_dim),
-          scalar, scalar, spec(1, time_, dt=jnp.int32))
+          gate, scalar, spec(1, time_, dt=jnp.int32))
   module = _export_cuda(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))), *args)
-  for name in SCALAR_GATE_KERNELS[family]:
+  for name in FUSED_TERMS_KERNELS[family]:
     assert name in module, f"kernel {name} not in the lowered module"

@@ -1,6 +1,6 @@
-"""The UT-transform kernel (`pallas_kernels.scalar_gate.ut_transform`) against plain JAX.
+"""The UT-transform kernel (`pallas_kernels.fused_terms.ut_transform`) against plain JAX.
 
-On CPU the kernels run in the Pallas interpreter. Compared: U, W_k and the
+On CPU the kernels run in the Pallas interpreter, natively on a GPU host. Compared: U, W_k and the
 gradients of k, p, v, beta, strength and cum of a random linear loss, against
 a float32 reference of the same math built on `triangular.unit_lower_inverse`
 (its gradients by autodiff); bf16 inputs against the reference on the same
@@ -21,9 +21,10 @@ from jax.sharding import AbstractDevice, AbstractMesh
 
 from jaxlin.ops import chunking, delta
 from jaxlin.ops.triangular import unit_lower_inverse
-from pallas_kernels.scalar_gate.ut_transform import ut_transform
+from pallas_kernels.fused_terms.ut_transform import ut_transform
 
 f32 = jnp.float32
+INTERPRET = jax.default_backend() != "gpu"   # natively on a GPU host
 H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
 NAMES = ("k", "p", "v", "beta", "strength", "cum")
 
@@ -86,7 +87,7 @@ def _value_and_grad(fn: Callable[..., tuple[jax.Array, jax.Array]]) -> Callable:
 
 
 # Module level, so cases of one shape and dtype share a compilation.
-KERNEL = _value_and_grad(lambda *xs: ut_transform(*xs, interpret=True))
+KERNEL = _value_and_grad(lambda *xs: ut_transform(*xs, interpret=INTERPRET))
 REFERENCE = _value_and_grad(reference)
 
 
@@ -102,20 +103,21 @@ def _weights(u_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> tuple[jax.Ar
   return (jnp.asarray(rng.normal(size=u_shape), f32), jnp.asarray(rng.normal(size=w_shape), f32))
 
 
+SLOW = pytest.mark.slow   # the D op tests of tests/test_kernels.py run these kernels too
 CASES = [  # (chunk, K, V, docs, p = k, strong gate, dtype)
-    (64, 32, 32, True, False, False, jnp.float32),
-    (64, 32, 32, True, True, True, jnp.float32),
-    (16, 32, 32, False, False, False, jnp.float32),
-    (32, 16, 64, False, True, False, jnp.float32),
-    (64, 32, 32, True, False, False, jnp.bfloat16),
-    (32, 32, 32, False, False, True, jnp.bfloat16),
+    pytest.param(64, 32, 32, True, False, False, jnp.float32, marks=SLOW),
+    pytest.param(64, 32, 32, True, True, True, jnp.float32, marks=SLOW),
+    pytest.param(16, 32, 32, False, False, False, jnp.float32),
+    pytest.param(32, 16, 64, False, True, False, jnp.float32, marks=SLOW),
+    pytest.param(64, 32, 32, True, False, False, jnp.bfloat16, marks=SLOW),
+    pytest.param(32, 32, 32, False, False, True, jnp.bfloat16),
 ]
 
 
 @pytest.mark.parametrize(
     "chunk,key_dim,value_dim,docs,same_pk,strong,dtype", CASES,
     ids=[f"C{c}-K{k}-V{v}{'-docs' if d else ''}{'-pk' if s else ''}{'-strong' if g else ''}"
-         f"-{jnp.dtype(t).name}" for c, k, v, d, s, g, t in CASES])
+         f"-{jnp.dtype(t).name}" for c, k, v, d, s, g, t in (p.values for p in CASES)])
 def test_matches_reference(chunk: int, key_dim: int, value_dim: int, docs: bool, same_pk: bool,
                            strong: bool, dtype: jnp.dtype) -> None:
   """Outputs and the gradients of every input agree with the float32 reference."""
@@ -142,6 +144,7 @@ def test_matches_reference(chunk: int, key_dim: int, value_dim: int, docs: bool,
   assert not bad, f"errors above {tol}: {bad}"
 
 
+@pytest.mark.slow   # the D op tests compare the same path with the reference
 def test_matches_chunk_terms() -> None:
   """U and W_k equal `delta.chunk_terms` (gated, with documents) on the same chunks."""
   # R = B H = 2, N = 2, C = 64, K = V = 32: the shapes of the first case (its compilation).

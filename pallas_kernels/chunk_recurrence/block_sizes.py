@@ -22,7 +22,7 @@ class BlockSizes:
   block_k: key rows per program of the GPU gated-family state kernels (a power
     of two); None: all of K.
   num_warps, num_stages: Triton launch parameters (GPU only).
-  chunk_warps: num_warps of the GPU per-chunk kernels of `pallas_kernels.scalar_gate`
+  chunk_warps: num_warps of the GPU per-chunk kernels of `pallas_kernels.fused_terms`
     (outputs, gradients, UT transform), which hold several [C, K] float32 tiles at once;
     8 is a guess that keeps them under the register limit, not a measurement.
   """

@@ -1,6 +1,6 @@
 """Pallas path of `jaxlin.ops.delta_rule` (the D family, incl. Comba's removal key).
 
-On GPU with K <= 128, the kernels of `pallas_kernels.scalar_gate` run the whole op:
+On GPU with K <= 128, the kernels of `pallas_kernels.fused_terms` run the whole op:
 the UT transform per chunk (`ut_transform`), then the recurrence with the in-chunk
 scores formed in registers (`delta_chunks`). Otherwise (TPU, or K = 256), the UT
 transform of each chunk (the triangular solve, W_k = T diag(b Gamma) P,
@@ -20,10 +20,10 @@ from jaxlin.ops import delta
 from pallas_kernels import dispatch
 from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
 from pallas_kernels.chunk_recurrence.terms import run_terms
-from pallas_kernels.gated import SCALAR_GATE_MAX_K
-from pallas_kernels.scalar_gate.delta import delta_chunks
-from pallas_kernels.scalar_gate.layout import RowLayout
-from pallas_kernels.scalar_gate.ut_transform import ut_transform
+from pallas_kernels.gated import FUSED_TERMS_MAX_K
+from pallas_kernels.fused_terms.delta import delta_chunks
+from pallas_kernels.fused_terms.layout import RowLayout
+from pallas_kernels.fused_terms.ut_transform import ut_transform
 
 
 def supports(platform: str, key_dim: int, value_dim: int, dtype: jnp.dtype) -> bool:
@@ -38,8 +38,8 @@ def chunked(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Ar
   """The D recurrence through the kernel; arguments as `delta._chunked` (float32,
   q scaled). Returns (o [B, T, H, V] in `matmul_dtype`, final state [B, H, K, V])."""
   time = q.shape[1]
-  if options.scalar_gate and uses_scalar_gate_kernels(platform, q.shape[-1]):
-    return _scalar_gate(q, k, v, beta, g, p, b, initial_state, segment_ids,
+  if options.fused_terms and uses_fused_terms(platform, q.shape[-1]):
+    return _fused_terms(q, k, v, beta, g, p, b, initial_state, segment_ids,
                         matmul_dtype=matmul_dtype, options=options)
   terms = delta.chunk_terms(q, k, v, beta, g, p, b, segment_ids, dispatch.kernel_chunk(time))
   o, final = run_terms(terms.q_in, terms.k_out, terms.scores, terms.values, terms.w_k,
@@ -48,17 +48,17 @@ def chunked(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Ar
   return chunking.from_chunks(o, time), final
 
 
-def uses_scalar_gate_kernels(platform: str, key_dim: int) -> bool:
-  """Whether a kernel call runs `pallas_kernels.scalar_gate` (GPU, K <= SCALAR_GATE_MAX_K)
+def uses_fused_terms(platform: str, key_dim: int) -> bool:
+  """Whether a kernel call runs `pallas_kernels.fused_terms` (GPU, K <= FUSED_TERMS_MAX_K)
   rather than the XLA terms and `chunk_recurrence`."""
-  return platform == "gpu" and key_dim <= SCALAR_GATE_MAX_K
+  return platform == "gpu" and key_dim <= FUSED_TERMS_MAX_K
 
 
-def _scalar_gate(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
+def _fused_terms(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,
                  g: jax.Array | None, p: jax.Array, b: jax.Array, initial_state: jax.Array,
                  segment_ids: jax.Array | None, *, matmul_dtype: jnp.dtype,
                  options: dispatch.KernelOptions) -> tuple[jax.Array, jax.Array]:
-  """`chunked` through the scalar-gate GPU kernels (arguments as `chunked`)."""
+  """`chunked` through the `fused_terms` GPU kernels (arguments as `chunked`)."""
   batch, time, heads, key_dim = q.shape
   value_dim = v.shape[-1]
   layout = RowLayout(batch, heads, time, dispatch.kernel_chunk(time))

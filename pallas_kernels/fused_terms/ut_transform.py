@@ -45,6 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from pallas_kernels.chunk_recurrence.chunk_math import dot
+from pallas_kernels.fused_terms.specs import chunk_spec
 
 f32 = jnp.float32
 BLOCK = 16                 # rows of a block of the inverse
@@ -129,19 +130,14 @@ def _params(num_warps: int) -> pl_triton.CompilerParams:
   return pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
-def _chunk(*block: int) -> pl.BlockSpec:
-  """Chunk n of row r of a [R, N, *block] array."""
-  return pl.BlockSpec((None, None, *block), lambda r, n: (r, n) + (0,) * len(block))
-
-
 def _chunk_operands(k: jax.Array, p: jax.Array, v: jax.Array, beta: jax.Array,
                     strength: jax.Array, cum: jax.Array,
                     rel: jax.Array | None) -> tuple[list[jax.Array], list[pl.BlockSpec]]:
   """(inputs, in_specs) of the per-chunk operands both kernels take (rel only if present)."""
   chunk, key_dim = k.shape[2:]
   inputs = [k, p, v, beta, strength, cum] + ([] if rel is None else [rel])
-  specs = [_chunk(chunk, key_dim), _chunk(chunk, key_dim), _chunk(chunk, v.shape[-1])]
-  return inputs, specs + [_chunk(chunk)] * (len(inputs) - 3)
+  specs = [chunk_spec(chunk, key_dim), chunk_spec(chunk, key_dim), chunk_spec(chunk, v.shape[-1])]
+  return inputs, specs + [chunk_spec(chunk)] * (len(inputs) - 3)
 
 
 def _check(k: jax.Array, p: jax.Array, v: jax.Array, beta: jax.Array, strength: jax.Array,
@@ -224,7 +220,7 @@ def _forward_call(num_warps: int, interpret: bool, k: jax.Array, p: jax.Array, v
   inputs, in_specs = _chunk_operands(k, p, v, beta, strength, cum, rel)
   out_shape = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                jax.ShapeDtypeStruct((rows, num, chunk, chunk), f32)]
-  out_specs = [_chunk(chunk, value_dim), _chunk(chunk, key_dim), _chunk(chunk, chunk)]
+  out_specs = [chunk_spec(chunk, value_dim), chunk_spec(chunk, key_dim), chunk_spec(chunk, chunk)]
   return tuple(pl.pallas_call(
       kernel, grid=(rows, num), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=_params(num_warps), interpret=interpret, name="ut_transform_fwd",
@@ -300,13 +296,13 @@ def _backward_call(num_warps: int, interpret: bool, k: jax.Array, p: jax.Array, 
 
   inputs, in_specs = _chunk_operands(k, p, v, beta, strength, cum, rel)
   inputs += [inverse, u, w, d_u, d_w]
-  in_specs += [_chunk(chunk, chunk), _chunk(chunk, value_dim), _chunk(chunk, key_dim),
-               _chunk(chunk, value_dim), _chunk(chunk, key_dim)]
+  in_specs += [chunk_spec(chunk, chunk), chunk_spec(chunk, value_dim), chunk_spec(chunk, key_dim),
+               chunk_spec(chunk, value_dim), chunk_spec(chunk, key_dim)]
   vector = jax.ShapeDtypeStruct((rows, num, chunk), f32)
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(p.shape, p.dtype),
                jax.ShapeDtypeStruct(v.shape, v.dtype), vector, vector, vector]
-  out_specs = [_chunk(chunk, key_dim), _chunk(chunk, key_dim), _chunk(chunk, value_dim),
-               _chunk(chunk), _chunk(chunk), _chunk(chunk)]
+  out_specs = [chunk_spec(chunk, key_dim), chunk_spec(chunk, key_dim), chunk_spec(chunk, value_dim),
+               chunk_spec(chunk), chunk_spec(chunk), chunk_spec(chunk)]
   return tuple(pl.pallas_call(
       kernel, grid=(rows, num), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=_params(num_warps), interpret=interpret, name="ut_transform_bwd",

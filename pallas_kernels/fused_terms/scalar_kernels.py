@@ -1,4 +1,4 @@
-"""GPU kernels (Pallas Triton) that form the scalar-gate in-chunk terms themselves.
+"""GPU kernels (Pallas Triton) that form the in-chunk terms of a scalar gate themselves.
 
 One chunk of C tokens of one row (a batch*head pair), with the plain in-chunk
 cumulative log gate b_i = sum_{s<=i} g_s (one scalar per token) and `rel_i`,
@@ -43,10 +43,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 
 from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
 from pallas_kernels.chunk_recurrence.chunk_math import dot
+from pallas_kernels.fused_terms.specs import chunk_spec, compiler_params, gate_operands
 
 f32 = jnp.float32
 OUTPUT_BLOCK_V = 128     # value columns per program of the output kernel
@@ -89,45 +89,8 @@ def chunk_decays(b: jax.Array, rel: jax.Array | None) -> ChunkDecays:
                      is_last[:, None])
 
 
-def state_operands(q: jax.Array, k: jax.Array, b: jax.Array,
-                    rel: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(Diag(a) q, Diag(c) k in the matmul dtype, d [R,N,1,K] float32) of every chunk:
-  the operands of the generic state kernels (`chunk_recurrence.gpu`), in XLA."""
-  b_last = b[..., -1:]
-  start = end = carry = None
-  if rel is not None:
-    rel_last = rel[..., -1:]
-    start, end, carry = rel == 0, rel == rel_last, rel_last == 0
-  masked = lambda x, m: jnp.exp(x if m is None else jnp.where(m, x, -jnp.inf))
-  q_in = (q.astype(f32) * masked(b, start)[..., None]).astype(q.dtype)
-  to_end = (b_last - b).at[..., -1].set(0.0)
-  k_out = (k.astype(f32) * masked(to_end, end)[..., None]).astype(k.dtype)
-  decay = jnp.broadcast_to(masked(b_last, carry)[..., None], (*b.shape[:2], 1, q.shape[-1]))
-  return q_in, k_out, decay
-
-
-def _params(blocks: BlockSizes) -> pl_triton.CompilerParams:
-  return pl_triton.CompilerParams(num_warps=blocks.chunk_warps, num_stages=blocks.num_stages)
-
-
-def _chunk(*block: int, value: bool = False) -> pl.BlockSpec:
-  """Chunk n of a [R, N, *block] array (value block p on the last axis if asked)."""
-  def index(r, n, p=0):
-    return (r, n) + (0,) * (len(block) - 1) + ((p,) if value else (0,))
-  return pl.BlockSpec((None, None, *block), index)
-
-
 def _rel(rel_ref) -> jax.Array | None:
   return None if rel_ref is None else rel_ref[...]
-
-
-def _gate_operands(q: jax.Array, k: jax.Array, b: jax.Array,
-                   rel: jax.Array | None) -> tuple[list, list]:
-  """(inputs, in_specs) of q, k, b and rel if present, for a grid (R, N, value blocks)."""
-  chunk, key_dim = q.shape[2:]
-  inputs = [q, k, b] + ([] if rel is None else [rel])
-  specs = [_chunk(chunk, key_dim), _chunk(chunk, key_dim)] + [_chunk(chunk)] * (len(inputs) - 2)
-  return inputs, specs
 
 
 def _scores(q: jax.Array, k: jax.Array, dec: ChunkDecays) -> jax.Array:
@@ -158,13 +121,13 @@ def output_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
     o = dec.incoming * dot(qv, s_ref[...]) + dot(scores, w_ref[...])
     o_ref[...] = o.astype(o_ref.dtype)
 
-  inputs, in_specs = _gate_operands(q, k, b, rel)
-  in_specs += [_chunk(key_dim, bv, value=True), _chunk(chunk, bv, value=True)]
+  inputs, in_specs = gate_operands(q, k, b, rel)
+  in_specs += [chunk_spec(key_dim, bv, value=True), chunk_spec(chunk, bv, value=True)]
   return pl.pallas_call(
       kernel, grid=(rows, num, value_dim // bv), in_specs=in_specs,
-      out_specs=_chunk(chunk, bv, value=True),
+      out_specs=chunk_spec(chunk, bv, value=True),
       out_shape=jax.ShapeDtypeStruct((rows, num, chunk, value_dim), q.dtype),
-      compiler_params=_params(blocks), interpret=interpret, name="scalar_gate_outputs",
+      compiler_params=compiler_params(blocks), interpret=interpret, name="scalar_gate_outputs",
   )(*inputs, states, w)
 
 
@@ -185,13 +148,13 @@ def scores_transpose_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Arr
     scores = _scores(q_ref[...], k_ref[...], dec).astype(q_ref.dtype)
     out_ref[...] = dot(scores, do_ref[...], trans_a=True)
 
-  inputs, in_specs = _gate_operands(q, k, b, rel)
+  inputs, in_specs = gate_operands(q, k, b, rel)
   return pl.pallas_call(
       kernel, grid=(rows, num, value_dim // bv),
-      in_specs=in_specs + [_chunk(chunk, bv, value=True)],
-      out_specs=_chunk(chunk, bv, value=True),
+      in_specs=in_specs + [chunk_spec(chunk, bv, value=True)],
+      out_specs=chunk_spec(chunk, bv, value=True),
       out_shape=jax.ShapeDtypeStruct((rows, num, chunk, value_dim), f32),
-      compiler_params=_params(blocks), interpret=interpret, name="scalar_gate_scores_t",
+      compiler_params=compiler_params(blocks), interpret=interpret, name="scalar_gate_scores_t",
   )(*inputs, d_o)
 
 
@@ -260,24 +223,24 @@ def gradient_pass(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array,
     d_b += jnp.where(dec.last, jnp.sum(to_end) + dec.decay * d_decay, 0.0)
     db_ref[...] = d_b[:, 0]
 
-  inputs, in_specs = [q, k, w, b], [_chunk(chunk, key_dim), _chunk(chunk, key_dim),
-                                    _chunk(chunk, value_dim), _chunk(chunk)]
+  inputs, in_specs = [q, k, w, b], [chunk_spec(chunk, key_dim), chunk_spec(chunk, key_dim),
+                                    chunk_spec(chunk, value_dim), chunk_spec(chunk)]
   if docs:
     inputs.append(rel)
-    in_specs.append(_chunk(chunk))
+    in_specs.append(chunk_spec(chunk))
   inputs += [states, d_states, d_o]
-  in_specs += [_chunk(key_dim, value_dim), _chunk(key_dim, value_dim),
-               _chunk(chunk, value_dim)]
+  in_specs += [chunk_spec(key_dim, value_dim), chunk_spec(key_dim, value_dim),
+               chunk_spec(chunk, value_dim)]
   if delta:
     inputs.append(d_w)
-    in_specs.append(_chunk(chunk, value_dim))
+    in_specs.append(chunk_spec(chunk, value_dim))
   third = (jax.ShapeDtypeStruct(k.shape, k.dtype) if delta
            else jax.ShapeDtypeStruct(w.shape, w.dtype))
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                third, jax.ShapeDtypeStruct((rows, num, chunk), f32)]
-  out_specs = [_chunk(chunk, key_dim), _chunk(chunk, key_dim),
-               _chunk(chunk, key_dim if delta else value_dim), _chunk(chunk)]
+  out_specs = [chunk_spec(chunk, key_dim), chunk_spec(chunk, key_dim),
+               chunk_spec(chunk, key_dim if delta else value_dim), chunk_spec(chunk)]
   return tuple(pl.pallas_call(
       kernel, grid=(rows, num), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      compiler_params=_params(blocks), interpret=interpret, name="scalar_gate_gradients",
+      compiler_params=compiler_params(blocks), interpret=interpret, name="scalar_gate_gradients",
   )(*inputs))

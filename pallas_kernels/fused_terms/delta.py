@@ -1,4 +1,4 @@
-"""The scalar-gate delta rule on GPU with its recurrence terms formed in the kernels.
+"""The delta rule (scalar gate or none) on GPU with its in-chunk terms formed in the kernels.
 
 Given the UT-transform outputs U = T diag(beta) V and W_k = T diag(b a) P of every
 chunk (`ut_transform`), the recurrence
@@ -6,9 +6,9 @@ chunk (`ut_transform`), the recurrence
     W = U - W_k S        o = Diag(a) q S + A W        S_next = d S + (Diag(c) k)^T W
 
 runs as: the delta state kernel (`chunk_recurrence.gpu.state_pass`, fed Diag(c) k
-and d), then `kernels.output_pass` (A formed in registers). Backward:
-`kernels.scores_transpose_pass` (A^T dO), the delta state-gradient kernel (G_{n+1}
-and dW), then `kernels.gradient_pass` (dq, dk, dW_k, db; dU = dW).
+and d), then `scalar_kernels.output_pass` (A formed in registers). Backward:
+`scalar_kernels.scores_transpose_pass` (A^T dO), the delta state-gradient kernel (G_{n+1}
+and dW), then `scalar_kernels.gradient_pass` (dq, dk, dW_k, db; dU = dW).
 
 Legend: R rows, N chunks, C chunk length, K key dim, V value dim.
 """
@@ -21,8 +21,8 @@ import jax
 
 from pallas_kernels.chunk_recurrence import gpu as state_kernels
 from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
-from pallas_kernels.scalar_gate import kernels
-from pallas_kernels.scalar_gate.kernels import state_operands
+from pallas_kernels.fused_terms import scalar_kernels as kernels
+from pallas_kernels.fused_terms.state_operands import state_operands
 
 
 def delta_chunks(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,

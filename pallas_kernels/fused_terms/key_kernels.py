@@ -1,0 +1,331 @@
+"""GPU kernels (Pallas Triton) that form the per-key-gate in-chunk terms themselves.
+
+One chunk of C tokens of one row (a batch*head pair), with the plain in-chunk
+cumulative log gate b_ik = sum_{s<=i} g_sk (one value per token and key dim,
+g <= 0, so b decreases down the chunk in every key column) and `rel_i`, the
+number of documents started in the chunk up to token i (0: the document of
+the incoming state; `jaxlin.ops.chunking.documents_in_chunk`):
+
+    M_ij  = [j <= i] [rel_i = rel_j]                      (causal, same document)
+    A_ij  = sum_k q_ik k_jk exp(b_ik - b_jk) M_ij
+    a_ik  = exp(b_ik) [rel_i = 0]                         (Q_in = a o q)
+    c_jk  = exp(b_Ck - b_jk) [rel_j = rel_C]              (K_out = c o k; c_C = 1)
+    d_k   = exp(b_Ck) [rel_C = 0]                         (per-key decay of the state)
+
+and, with S the state entering the chunk,
+
+    o = Q_in S + A V            S_next = Diag(d) S + K_out^T V.
+
+A is not one matmul: the decay sits inside the sum over K. Gates can be
+strong (g ~ -30 per token), so exp(b_ik - b_jk) is never split into
+exp(b_ik) exp(-b_jk) across a span that could overflow. The chunk is cut into
+16-row blocks I, J:
+
+  I > J   through the reference point r_J = b at the last row of block J:
+          qt_IJ = q_I o exp(b_I - r_J), kt_J = k_J o exp(r_J - b_J), both
+          exponents <= 0, A_IJ = (qt_IJ kt_J^T) o M_IJ: exact, and a matmul;
+  I = J   elementwise, one column j at a time (16 unrolled steps):
+          A_ij = sum_k q_ik k_jk exp(b_ik - b_jk), masked before the exp.
+
+Backward, with G = dL/dS_next and dA = (dO V^T) o M:
+
+    dv   = A^T dO + K_out G            dQ_in = dO S^T         dK_out = V G^T
+    dq   = (through A) + a o dQ_in     dk    = (through A) + c o dK_out
+    I > J:  dqt = dA_IJ kt_J,  dq_I += dqt o exp(b_I - r_J),  db_I += qt o dqt
+            dkt = dA_IJ^T qt,  dk_J += dkt o exp(r_J - b_J),  db_J -= kt o dkt
+            (r_J gets no gradient: A_IJ does not depend on it)
+    I = J:  P_ijk = dA_ij q_ik k_jk exp(b_ik - b_jk);  db_i += sum_{j<i} P_ij,
+            db_j -= sum_{i>j} P_ij (i = j has gap 0 by construction: left out exactly)
+    db   += Q_in o dQ_in - [i < C] K_out o dK_out
+    db_C += sum_{j<C} (K_out o dK_out)_j + d o sum_v (G o S)
+
+db [C, K] is dL/db; the caller turns it into dg (the transpose of the cumsum).
+
+Legend: R rows, N chunks, C chunk length, K key dim, V value dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
+from pallas_kernels.chunk_recurrence.chunk_math import dot
+from pallas_kernels.fused_terms.specs import chunk_spec, compiler_params, gate_operands
+
+f32 = jnp.float32
+BLOCK = 16               # rows of a block of the chunk
+OUTPUT_BLOCK_V = 128     # value columns per program of the output kernel
+
+
+class Rows(NamedTuple):
+  """One 16-row block I of a chunk and its gates (module docstring)."""
+  q: jax.Array                 # [16, K] matmul dtype
+  k: jax.Array                 # [16, K]
+  b: jax.Array                 # [16, K] float32
+  rel: jax.Array | None        # [16] int32
+  ref: jax.Array               # r_I: b at the block's last row, [K] float32
+  incoming: jax.Array          # a [16, K] float32
+  outgoing: jax.Array          # c [16, K] float32
+  last: jax.Array              # bool [16, 1]: the chunk's last token
+
+
+class Chunk(NamedTuple):
+  """A chunk as its 16-row blocks, with the chunk-level gate terms."""
+  rows: list[Rows]
+  decay: jax.Array             # d [K] float32
+
+
+def _row_iota(shape: tuple[int, ...] = (BLOCK, 1)) -> jax.Array:
+  return jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+
+
+def _col_iota() -> jax.Array:
+  return jax.lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1)
+
+
+def _pick(x: jax.Array, i: int) -> jax.Array:
+  """Row i of a [16, K] block ([K]) or entry i of a [16] vector (a scalar)."""
+  if x.ndim == 1:
+    return jnp.sum(jnp.where(_row_iota((BLOCK,)) == i, x, 0))
+  return jnp.sum(jnp.where(_row_iota() == i, x, 0), axis=0)
+
+
+def _load(q_ref: Any, k_ref: Any, b_ref: Any, rel_ref: Any | None) -> Chunk:
+  """The blocks of one chunk (static slices of the refs) and its gate terms."""
+  num = q_ref.shape[0] // BLOCK
+  rows = lambda i: pl.ds(i * BLOCK, BLOCK)
+  q = [q_ref[rows(i), :] for i in range(num)]
+  k = [k_ref[rows(i), :] for i in range(num)]
+  b = [b_ref[rows(i), :] for i in range(num)]
+  rel = [None if rel_ref is None else rel_ref[rows(i)] for i in range(num)]
+  refs = [_pick(x, BLOCK - 1) for x in b]
+  b_last = refs[-1]
+  rel_last = None if rel_ref is None else _pick(rel[-1], BLOCK - 1)
+  blocks = []
+  for i in range(num):
+    last = (_row_iota() == BLOCK - 1) & (i == num - 1)
+    incoming = jnp.exp(b[i])
+    outgoing = jnp.exp(jnp.where(last, 0.0, jnp.minimum(b_last[None, :] - b[i], 0.0)))
+    if rel_ref is not None:
+      incoming = jnp.where((rel[i] == 0)[:, None], incoming, 0.0)
+      outgoing = jnp.where((rel[i] == rel_last)[:, None], outgoing, 0.0)
+    blocks.append(Rows(q[i], k[i], b[i], rel[i], refs[i], incoming, outgoing, last))
+  decay = jnp.exp(b_last)
+  if rel_ref is not None:
+    decay = jnp.where(rel_last == 0, decay, 0.0)
+  return Chunk(blocks, decay)
+
+
+def _same(x: Rows, y: Rows) -> jax.Array | None:
+  """bool [16, 16]: row i of block x and row j of block y are in one document."""
+  return None if x.rel is None else x.rel[:, None] == y.rel[None, :]
+
+
+def _masked(mask: jax.Array | None, x: jax.Array) -> jax.Array:
+  return x if mask is None else jnp.where(mask, x, 0.0)
+
+
+def _to_ref(x: Rows) -> jax.Array:
+  """exp(r_J - b_J) [16, K] of block J (exponents <= 0)."""
+  return jnp.exp(jnp.minimum(x.ref[None, :] - x.b, 0.0))
+
+
+def _from_ref(x: Rows, y: Rows) -> jax.Array:
+  """exp(b_I - r_J) [16, K] of block row I = x past block column J = y (exponents <= 0)."""
+  return jnp.exp(jnp.minimum(x.b - y.ref[None, :], 0.0))
+
+
+def _column(x: Rows, j: int) -> tuple[jax.Array, jax.Array]:
+  """(k_j [K] float32, the decays exp(b_i - b_j) [16, K] of the block's rows i against its
+  row j, masked to i >= j and rel_i = rel_j before the exp)."""
+  k_j = _pick(x.k.astype(f32), j)
+  b_j = _pick(x.b, j)
+  mask = _row_iota() >= j
+  if x.rel is not None:
+    mask = mask & (x.rel == _pick(x.rel, j))[:, None]
+  gaps = jnp.where(mask, jnp.minimum(x.b - b_j[None, :], 0.0), 0.0)
+  return k_j, jnp.where(mask, jnp.exp(gaps), 0.0)
+
+
+def _diagonal_scores(x: Rows) -> jax.Array:
+  """A_II [16, 16] float32, elementwise: one column per unrolled step."""
+  col = _col_iota()
+  q = x.q.astype(f32)
+  scores = jnp.zeros((BLOCK, BLOCK), f32)
+  for j in range(BLOCK):
+    k_j, decays = _column(x, j)
+    scores = jnp.where(col == j, jnp.sum(q * k_j[None, :] * decays, axis=1)[:, None], scores)
+  return scores
+
+
+def _scores(chunk: Chunk) -> dict[tuple[int, int], jax.Array]:
+  """The blocks A_IJ (J <= I) of the scores, float32 [16, 16]."""
+  out = {}
+  mm = chunk.rows[0].q.dtype
+  for j, y in enumerate(chunk.rows):
+    out[j, j] = _diagonal_scores(y)
+    k_t = (y.k.astype(f32) * _to_ref(y)).astype(mm)
+    for i in range(j + 1, len(chunk.rows)):
+      x = chunk.rows[i]
+      q_t = (x.q.astype(f32) * _from_ref(x, y)).astype(mm)
+      out[i, j] = _masked(_same(x, y), dot(q_t, k_t, trans_b=True))
+  return out
+
+
+def output_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
+                states: jax.Array, w: jax.Array, *, blocks: BlockSizes,
+                interpret: bool = False) -> jax.Array:
+  """o = Q_in S + A W for every (row, chunk): [R, N, C, V] in q's dtype.
+
+  q, k: [R,N,C,K] and states S [R,N,K,V], w [R,N,C,V] in the matmul dtype;
+  b: [R,N,C,K] float32; rel: [R,N,C] int32 or None.
+  """
+  rows, num, chunk, key_dim = q.shape
+  value_dim = w.shape[-1]
+  bv = min(value_dim, OUTPUT_BLOCK_V)
+  docs = rel is not None
+
+  def kernel(*refs: Any) -> None:
+    q_ref, k_ref, b_ref, *rest = refs
+    rel_ref, s_ref, w_ref, o_ref = rest if docs else (None, *rest)
+    mm = q_ref.dtype
+    c = _load(q_ref, k_ref, b_ref, rel_ref)
+    scores = _scores(c)
+    s = s_ref[...]
+    w_rows = [w_ref[pl.ds(j * BLOCK, BLOCK), :] for j in range(len(c.rows))]
+    for i, x in enumerate(c.rows):
+      q_in = (x.incoming * x.q.astype(f32)).astype(mm)
+      o = dot(q_in, s)
+      for j in range(i + 1):
+        o += dot(scores[i, j].astype(mm), w_rows[j])
+      o_ref[pl.ds(i * BLOCK, BLOCK), :] = o.astype(o_ref.dtype)
+
+  inputs, in_specs = gate_operands(q, k, b, rel)
+  in_specs += [chunk_spec(key_dim, bv, value=True), chunk_spec(chunk, bv, value=True)]
+  return pl.pallas_call(
+      kernel, grid=(rows, num, value_dim // bv), in_specs=in_specs,
+      out_specs=chunk_spec(chunk, bv, value=True),
+      out_shape=jax.ShapeDtypeStruct((rows, num, chunk, value_dim), q.dtype),
+      compiler_params=compiler_params(blocks), interpret=interpret, name="key_gate_outputs",
+  )(*inputs, states, w)
+
+
+def _diagonal_grads(x: Rows, d_scores: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(dq, dk, db) [16, K] float32 of block I through A_II, given dA_II (masked)."""
+  col, row = _col_iota(), _row_iota()
+  q = x.q.astype(f32)
+  d_q = jnp.zeros(q.shape, f32)
+  d_k = jnp.zeros(q.shape, f32)
+  d_b = jnp.zeros(q.shape, f32)
+  for j in range(BLOCK):
+    k_j, decays = _column(x, j)
+    weights = jnp.sum(jnp.where(col == j, d_scores, 0.0), axis=1)[:, None] * decays
+    d_q += weights * k_j[None, :]
+    through = q * weights                                   # dA_ij q_ik exp(b_ik - b_jk)
+    d_k += jnp.where(row == j, jnp.sum(through, axis=0)[None, :], 0.0)
+    products = jnp.where(row > j, through * k_j[None, :], 0.0)   # P_ij, i > j only
+    d_b += products - jnp.where(row == j, jnp.sum(products, axis=0)[None, :], 0.0)
+  return d_q, d_k, d_b
+
+
+def gradient_pass(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array,
+                  rel: jax.Array | None, states: jax.Array, d_states: jax.Array,
+                  d_o: jax.Array, *, blocks: BlockSizes,
+                  interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(dq, dk, dv in the inputs' dtype, db [R,N,C,K] float32) of every chunk, one program
+  per (row, chunk), V walked in blocks of `block_v`.
+
+  states S_n and d_states G_{n+1} = dL/dS_{n+1}: [R,N,K,V] in the matmul dtype;
+  d_o [R,N,C,V] in the matmul dtype; the rest as `output_pass`.
+  """
+  rows, num, chunk, key_dim = q.shape
+  value_dim = v.shape[-1]
+  bv = min(blocks.block_v, value_dim)
+  nb = chunk // BLOCK
+  docs = rel is not None
+
+  def kernel(*refs: Any) -> None:
+    q_ref, k_ref, v_ref, b_ref, *rest = refs
+    if not docs:
+      rest = [None, *rest]
+    rel_ref, s_ref, g_ref, do_ref, dq_ref, dk_ref, dv_ref, db_ref = rest
+    mm = q_ref.dtype
+    c = _load(q_ref, k_ref, b_ref, rel_ref)
+    scores = {ij: a.astype(mm) for ij, a in _scores(c).items()}
+    k_out = [(x.outgoing * x.k.astype(f32)).astype(mm) for x in c.rows]
+    row_block = lambda i: pl.ds(i * BLOCK, BLOCK)
+    d_scores = {ij: jnp.zeros((BLOCK, BLOCK), f32) for ij in scores}     # dO V^T
+    d_q_in = [jnp.zeros((BLOCK, key_dim), f32) for _ in range(nb)]        # dO S^T
+    d_k_out = [jnp.zeros((BLOCK, key_dim), f32) for _ in range(nb)]       # V G^T
+    d_decay = jnp.zeros((key_dim,), f32)                                  # sum_v G o S
+    for p in range(value_dim // bv):
+      cols = pl.ds(p * bv, bv)
+      s_p, g_p = s_ref[:, cols], g_ref[:, cols]
+      do_p = [do_ref[row_block(i), cols] for i in range(nb)]
+      v_p = [v_ref[row_block(i), cols] for i in range(nb)]
+      d_decay += jnp.sum(g_p.astype(f32) * s_p.astype(f32), axis=1)
+      for i in range(nb):
+        d_q_in[i] += dot(do_p[i], s_p, trans_b=True)
+        d_k_out[i] += dot(v_p[i], g_p, trans_b=True)
+        for j in range(i + 1):
+          d_scores[i, j] += dot(do_p[i], v_p[j], trans_b=True)
+      for j in range(nb):
+        d_v = dot(k_out[j], g_p)
+        for i in range(j, nb):
+          d_v += dot(scores[i, j], do_p[i], trans_a=True)
+        dv_ref[row_block(j), cols] = d_v.astype(dv_ref.dtype)
+    d_q, d_k, d_b = [], [], []
+    ends = jnp.zeros((key_dim,), f32)               # sum_{j<C} (K_out o dK_out)_j
+    for i, x in enumerate(c.rows):
+      dq_i, dk_i, db_i = _diagonal_grads(x, _masked(_same(x, x), d_scores[i, i]))
+      d_in = x.incoming * d_q_in[i]                                       # a o dQ_in
+      d_out = x.outgoing * d_k_out[i]                                     # c o dK_out
+      to_end = jnp.where(x.last, 0.0, x.k.astype(f32) * d_out)            # K_out o dK_out
+      ends += jnp.sum(to_end, axis=0)
+      d_q.append(dq_i + d_in)
+      d_k.append(dk_i + d_out)
+      d_b.append(db_i + x.q.astype(f32) * d_in - to_end)
+    last = c.rows[-1].last
+    d_b[-1] += jnp.where(last, (ends + c.decay * d_decay)[None, :], 0.0)
+    for j, y in enumerate(c.rows):
+      to_ref = _to_ref(y)
+      k_t = y.k.astype(f32) * to_ref
+      k_t_mm = k_t.astype(mm)
+      d_k_t = jnp.zeros((BLOCK, key_dim), f32)
+      for i in range(j + 1, nb):
+        x = c.rows[i]
+        from_ref = _from_ref(x, y)
+        q_t = x.q.astype(f32) * from_ref
+        d_a = _masked(_same(x, y), d_scores[i, j]).astype(mm)
+        d_q_t = dot(d_a, k_t_mm)
+        d_q[i] += d_q_t * from_ref
+        d_b[i] += q_t * d_q_t
+        d_k_t += dot(d_a, q_t.astype(mm), trans_a=True)
+      d_k[j] += d_k_t * to_ref
+      d_b[j] -= k_t * d_k_t
+    for i in range(nb):
+      dq_ref[row_block(i), :] = d_q[i].astype(dq_ref.dtype)
+      dk_ref[row_block(i), :] = d_k[i].astype(dk_ref.dtype)
+      db_ref[row_block(i), :] = d_b[i]
+
+  inputs = [q, k, v, b]
+  in_specs = [chunk_spec(chunk, key_dim), chunk_spec(chunk, key_dim), chunk_spec(chunk, value_dim),
+              chunk_spec(chunk, key_dim)]
+  if docs:
+    inputs.append(rel)
+    in_specs.append(chunk_spec(chunk))
+  inputs += [states, d_states, d_o]
+  in_specs += [chunk_spec(key_dim, value_dim), chunk_spec(key_dim, value_dim),
+               chunk_spec(chunk, value_dim)]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+               jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(b.shape, f32)]
+  out_specs = [chunk_spec(chunk, key_dim), chunk_spec(chunk, key_dim), chunk_spec(chunk, value_dim),
+               chunk_spec(chunk, key_dim)]
+  return tuple(pl.pallas_call(
+      kernel, grid=(rows, num), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=compiler_params(blocks), interpret=interpret, name="key_gate_gradients",
+  )(*inputs))

@@ -1,0 +1,35 @@
+"""BlockSpecs and launch parameters shared by the per-chunk kernels of `fused_terms`.
+
+Every kernel here runs one program per (row, chunk) (grid (R, N)) or per (row,
+chunk, value block) (grid (R, N, P)) over [R, N, ...] arrays.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
+
+
+def chunk_spec(*block: int, value: bool = False) -> pl.BlockSpec:
+  """Chunk n of row r of a [R, N, *block] array (value block p on the last axis if asked)."""
+  def index(r: jax.Array, n: jax.Array, p: jax.Array | int = 0) -> tuple:
+    return (r, n) + (0,) * (len(block) - 1) + ((p,) if value else (0,))
+  return pl.BlockSpec((None, None, *block), index)
+
+
+def compiler_params(blocks: BlockSizes) -> pl_triton.CompilerParams:
+  """Triton launch parameters of the per-chunk kernels (`BlockSizes.chunk_warps`)."""
+  return pl_triton.CompilerParams(num_warps=blocks.chunk_warps, num_stages=blocks.num_stages)
+
+
+def gate_operands(q: jax.Array, k: jax.Array, b: jax.Array,
+                  rel: jax.Array | None) -> tuple[list[jax.Array], list[pl.BlockSpec]]:
+  """(inputs, in_specs) of q, k [R,N,C,K], the gate b [R,N,C] or [R,N,C,K] and rel
+  [R,N,C] if present."""
+  chunk, key_dim = q.shape[2:]
+  inputs = [q, k, b] + ([] if rel is None else [rel])
+  specs = [chunk_spec(chunk, key_dim), chunk_spec(chunk, key_dim), chunk_spec(*b.shape[2:])]
+  return inputs, specs + [chunk_spec(chunk)] * (len(inputs) - 3)

@@ -103,7 +103,6 @@ def main() -> None:
     inputs = kb.make_inputs(case, batch, args.T, heads, dim, dim)
     x = {n: jnp.asarray(a, jnp.bfloat16 if n in ("q", "k", "v") else jnp.float32)
          for n, a in inputs.items() if n != "do"}
-    do = jnp.asarray(inputs["do"])
     timing = {}
     whole = lambda opts: kb.time_jax(case, "pallas", inputs, jnp.bfloat16, args.runs,
                                      opts)["forward+backward"]

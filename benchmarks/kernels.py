@@ -32,7 +32,6 @@ import os
 import pathlib
 import statistics
 import sys
-import time
 from typing import Any, Callable, Sequence
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch

@@ -54,11 +54,10 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
 from pallas_kernels.chunk_recurrence.chunk_math import dot
-from pallas_kernels.fused_terms.specs import chunk_spec, compiler_params, gate_operands
+from pallas_kernels.fused_terms.specs import chunk_spec, compiler_params, value_block_call
 
 f32 = jnp.float32
 BLOCK = 16               # rows of a block of the chunk
-OUTPUT_BLOCK_V = 128     # value columns per program of the output kernel
 
 
 class Rows(NamedTuple):
@@ -184,9 +183,7 @@ def output_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
   q, k: [R,N,C,K] and states S [R,N,K,V], w [R,N,C,V] in the matmul dtype;
   b: [R,N,C,K] float32; rel: [R,N,C] int32 or None.
   """
-  rows, num, chunk, key_dim = q.shape
-  value_dim = w.shape[-1]
-  bv = min(value_dim, OUTPUT_BLOCK_V)
+  chunk, key_dim = q.shape[2:]
   docs = rel is not None
 
   def kernel(*refs: Any) -> None:
@@ -204,14 +201,8 @@ def output_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
         o += dot(scores[i, j].astype(mm), w_rows[j])
       o_ref[pl.ds(i * BLOCK, BLOCK), :] = o.astype(o_ref.dtype)
 
-  inputs, in_specs = gate_operands(q, k, b, rel)
-  in_specs += [chunk_spec(key_dim, bv, value=True), chunk_spec(chunk, bv, value=True)]
-  return pl.pallas_call(
-      kernel, grid=(rows, num, value_dim // bv), in_specs=in_specs,
-      out_specs=chunk_spec(chunk, bv, value=True),
-      out_shape=jax.ShapeDtypeStruct((rows, num, chunk, value_dim), q.dtype),
-      compiler_params=compiler_params(blocks), interpret=interpret, name="key_gate_outputs",
-  )(*inputs, states, w)
+  return value_block_call(kernel, q, k, b, rel, [(states, key_dim), (w, chunk)], q.dtype,
+                          blocks=blocks, interpret=interpret, name="key_gate_outputs")
 
 
 def _diagonal_grads(x: Rows, d_scores: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

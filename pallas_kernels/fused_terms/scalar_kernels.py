@@ -46,10 +46,9 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
 from pallas_kernels.chunk_recurrence.chunk_math import dot
-from pallas_kernels.fused_terms.specs import chunk_spec, compiler_params, gate_operands
+from pallas_kernels.fused_terms.specs import chunk_spec, compiler_params, value_block_call
 
 f32 = jnp.float32
-OUTPUT_BLOCK_V = 128     # value columns per program of the output kernel
 
 
 class ChunkDecays(NamedTuple):
@@ -106,9 +105,7 @@ def output_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
   q, k: [R,N,C,K] and states S [R,N,K,V], w [R,N,C,V] in the matmul dtype;
   b: [R,N,C] float32; rel: [R,N,C] int32 or None.
   """
-  rows, num, chunk, key_dim = q.shape
-  value_dim = w.shape[-1]
-  bv = min(value_dim, OUTPUT_BLOCK_V)
+  chunk, key_dim = q.shape[2:]
   docs = rel is not None
 
   def kernel(*refs):
@@ -121,14 +118,8 @@ def output_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
     o = dec.incoming * dot(qv, s_ref[...]) + dot(scores, w_ref[...])
     o_ref[...] = o.astype(o_ref.dtype)
 
-  inputs, in_specs = gate_operands(q, k, b, rel)
-  in_specs += [chunk_spec(key_dim, bv, value=True), chunk_spec(chunk, bv, value=True)]
-  return pl.pallas_call(
-      kernel, grid=(rows, num, value_dim // bv), in_specs=in_specs,
-      out_specs=chunk_spec(chunk, bv, value=True),
-      out_shape=jax.ShapeDtypeStruct((rows, num, chunk, value_dim), q.dtype),
-      compiler_params=compiler_params(blocks), interpret=interpret, name="scalar_gate_outputs",
-  )(*inputs, states, w)
+  return value_block_call(kernel, q, k, b, rel, [(states, key_dim), (w, chunk)], q.dtype,
+                          blocks=blocks, interpret=interpret, name="scalar_gate_outputs")
 
 
 def scores_transpose_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
@@ -136,9 +127,7 @@ def scores_transpose_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Arr
                           interpret: bool = False) -> jax.Array:
   """A^T dO for every (row, chunk): [R, N, C, V] float32 (the delta rule's state-gradient
   kernel needs it for dW = A^T dO + K_out G). Arguments as `output_pass`."""
-  rows, num, chunk, key_dim = q.shape
-  value_dim = d_o.shape[-1]
-  bv = min(value_dim, OUTPUT_BLOCK_V)
+  chunk = q.shape[2]
   docs = rel is not None
 
   def kernel(*refs):
@@ -148,14 +137,8 @@ def scores_transpose_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Arr
     scores = _scores(q_ref[...], k_ref[...], dec).astype(q_ref.dtype)
     out_ref[...] = dot(scores, do_ref[...], trans_a=True)
 
-  inputs, in_specs = gate_operands(q, k, b, rel)
-  return pl.pallas_call(
-      kernel, grid=(rows, num, value_dim // bv),
-      in_specs=in_specs + [chunk_spec(chunk, bv, value=True)],
-      out_specs=chunk_spec(chunk, bv, value=True),
-      out_shape=jax.ShapeDtypeStruct((rows, num, chunk, value_dim), f32),
-      compiler_params=compiler_params(blocks), interpret=interpret, name="scalar_gate_scores_t",
-  )(*inputs, d_o)
+  return value_block_call(kernel, q, k, b, rel, [(d_o, chunk)], f32, blocks=blocks,
+                          interpret=interpret, name="scalar_gate_scores_t")
 
 
 def gradient_pass(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array,

@@ -6,11 +6,16 @@ chunk, value block) (grid (R, N, P)) over [R, N, ...] arrays.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
+
+OUTPUT_BLOCK_V = 128     # value columns per program of the chunk-parallel (R, N, P) kernels
 
 
 def chunk_spec(*block: int, value: bool = False) -> pl.BlockSpec:
@@ -33,3 +38,24 @@ def gate_operands(q: jax.Array, k: jax.Array, b: jax.Array,
   inputs = [q, k, b] + ([] if rel is None else [rel])
   specs = [chunk_spec(chunk, key_dim), chunk_spec(chunk, key_dim), chunk_spec(*b.shape[2:])]
   return inputs, specs + [chunk_spec(chunk)] * (len(inputs) - 3)
+
+
+def value_block_call(kernel: Callable, q: jax.Array, k: jax.Array, b: jax.Array,
+                     rel: jax.Array | None, extra: list[tuple[jax.Array, int]],
+                     out_dtype: jnp.dtype, *, blocks: BlockSizes, interpret: bool,
+                     name: str) -> jax.Array:
+  """Runs `kernel` on a grid (R, N, V / OUTPUT_BLOCK_V): inputs q, k, b, rel (if present),
+  then each (array, rows) of `extra` as a [rows, block] block of a [R, N, rows, V] array;
+  output [R, N, C, V] of `out_dtype`, value block p of chunk n per program."""
+  rows, num, chunk = q.shape[:3]
+  value_dim = extra[0][0].shape[-1]
+  bv = min(value_dim, OUTPUT_BLOCK_V)
+  inputs, in_specs = gate_operands(q, k, b, rel)
+  inputs += [x for x, _ in extra]
+  in_specs += [chunk_spec(height, bv, value=True) for _, height in extra]
+  return pl.pallas_call(
+      kernel, grid=(rows, num, value_dim // bv), in_specs=in_specs,
+      out_specs=chunk_spec(chunk, bv, value=True),
+      out_shape=jax.ShapeDtypeStruct((rows, num, chunk, value_dim), out_dtype),
+      compiler_params=compiler_params(blocks), interpret=interpret, name=name,
+  )(*inputs)

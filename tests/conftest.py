@@ -18,3 +18,19 @@ if _TESTS_DIR not in sys.path:
 _REPO_DIR = os.path.dirname(_TESTS_DIR)
 if _REPO_DIR not in sys.path:
     sys.path.insert(0, _REPO_DIR)
+
+
+import pytest  # noqa: E402  (after the path setup above)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_code_after_each_module():
+  """Drops JAX's compiled executables after every test module.
+
+  The suite compiles thousands of programs in one process (the Pallas interpreter's
+  unrolled kernels among them); keeping them all made the process large, and on jax
+  0.10.2 XLA:CPU once crashed compiling a later module's program (a segfault in
+  `backend_compile_and_load`). Nothing is shared across modules that needs them.
+  """
+  yield
+  jax.clear_caches()

@@ -31,7 +31,7 @@ step() {  # step <seconds> <description> <command...>
 python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
 step 240 "kernel tests on the GPU" python3 -m pytest -q -x -p no:cacheprovider \
   tests/test_kernels.py tests/test_kernels_key_gate.py tests/test_kernels_ut_transform.py \
-  -k "gpu or fall or support or block or fused_terms or matches or lowers"
+  -k "(gpu or fall or support or block or fused_terms or matches or lowers) and not tpu"
 step 300 "kernels.py T=8192" python3 benchmarks/kernels.py --T 8192 \
   --impls pallas pallas-terms fla --out "$out/kernels_gpu.json"
 step 180 "kernel_breakdown.py T=8192" python3 benchmarks/kernel_breakdown.py --T 8192 \

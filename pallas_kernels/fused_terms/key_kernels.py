@@ -54,7 +54,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
 from pallas_kernels.chunk_recurrence.chunk_math import dot
-from pallas_kernels.fused_terms.specs import chunk_spec, compiler_params, value_block_call
+from pallas_kernels.fused_terms.specs import (chunk_spec, compiler_params, gradient_operands,
+                                              value_block_call)
 
 f32 = jnp.float32
 BLOCK = 16               # rows of a block of the chunk
@@ -303,15 +304,7 @@ def gradient_pass(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array,
       dk_ref[row_block(i), :] = d_k[i].astype(dk_ref.dtype)
       db_ref[row_block(i), :] = d_b[i]
 
-  inputs = [q, k, v, b]
-  in_specs = [chunk_spec(chunk, key_dim), chunk_spec(chunk, key_dim), chunk_spec(chunk, value_dim),
-              chunk_spec(chunk, key_dim)]
-  if docs:
-    inputs.append(rel)
-    in_specs.append(chunk_spec(chunk))
-  inputs += [states, d_states, d_o]
-  in_specs += [chunk_spec(key_dim, value_dim), chunk_spec(key_dim, value_dim),
-               chunk_spec(chunk, value_dim)]
+  inputs, in_specs = gradient_operands(q, k, v, b, rel, states, d_states, d_o)
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(b.shape, f32)]
   out_specs = [chunk_spec(chunk, key_dim), chunk_spec(chunk, key_dim), chunk_spec(chunk, value_dim),

@@ -46,7 +46,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
 from pallas_kernels.chunk_recurrence.chunk_math import dot
-from pallas_kernels.fused_terms.specs import chunk_spec, compiler_params, value_block_call
+from pallas_kernels.fused_terms.specs import (chunk_spec, compiler_params, gradient_operands,
+                                              value_block_call)
 
 f32 = jnp.float32
 
@@ -206,14 +207,7 @@ def gradient_pass(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array,
     d_b += jnp.where(dec.last, jnp.sum(to_end) + dec.decay * d_decay, 0.0)
     db_ref[...] = d_b[:, 0]
 
-  inputs, in_specs = [q, k, w, b], [chunk_spec(chunk, key_dim), chunk_spec(chunk, key_dim),
-                                    chunk_spec(chunk, value_dim), chunk_spec(chunk)]
-  if docs:
-    inputs.append(rel)
-    in_specs.append(chunk_spec(chunk))
-  inputs += [states, d_states, d_o]
-  in_specs += [chunk_spec(key_dim, value_dim), chunk_spec(key_dim, value_dim),
-               chunk_spec(chunk, value_dim)]
+  inputs, in_specs = gradient_operands(q, k, w, b, rel, states, d_states, d_o)
   if delta:
     inputs.append(d_w)
     in_specs.append(chunk_spec(chunk, value_dim))

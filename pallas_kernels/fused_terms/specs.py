@@ -59,3 +59,18 @@ def value_block_call(kernel: Callable, q: jax.Array, k: jax.Array, b: jax.Array,
       out_shape=jax.ShapeDtypeStruct((rows, num, chunk, value_dim), out_dtype),
       compiler_params=compiler_params(blocks), interpret=interpret, name=name,
   )(*inputs)
+
+
+def gradient_operands(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array,
+                      rel: jax.Array | None, states: jax.Array, d_states: jax.Array,
+                      d_o: jax.Array) -> tuple[list[jax.Array], list[pl.BlockSpec]]:
+  """(inputs, in_specs) of a per-chunk gradient kernel on a grid (R, N): q, k [R,N,C,K],
+  w [R,N,C,V], b, rel (if present), states and d_states [R,N,K,V], d_o [R,N,C,V]."""
+  chunk, key_dim = q.shape[2:]
+  value_dim = w.shape[-1]
+  inputs = [q, k, w, b] + ([] if rel is None else [rel]) + [states, d_states, d_o]
+  specs = [chunk_spec(chunk, key_dim), chunk_spec(chunk, key_dim), chunk_spec(chunk, value_dim),
+           chunk_spec(*b.shape[2:])] + ([] if rel is None else [chunk_spec(chunk)])
+  specs += [chunk_spec(key_dim, value_dim), chunk_spec(key_dim, value_dim),
+            chunk_spec(chunk, value_dim)]
+  return inputs, specs

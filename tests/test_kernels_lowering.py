@@ -15,7 +15,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from pallas_kernels import dispatch
 from pallas_kernels.chunk_recurrence import chunk_recurrence
@@ -26,7 +26,10 @@ H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platfo
 
 def _export_cuda(fn, *args) -> str:
   """The StableHLO of `fn` exported for CUDA under an abstract H100 mesh (Triton lowering)."""
-  with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=H100)):
+  # Auto axes: under jax 0.12's default (Explicit) the Triton lowering of a reduction inside a
+  # kernel gives its 1-D result the mesh's 2-D sharding spec and fails.
+  mesh = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,), abstract_device=H100)
+  with jax.sharding.use_abstract_mesh(mesh):
     return jax.export.export(
         fn, platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],

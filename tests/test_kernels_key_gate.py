@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+import _helpers as h
 
 from pallas_kernels.chunk_recurrence import BlockSizes
 from pallas_kernels.chunk_recurrence.reference import chunk_recurrence
@@ -27,9 +28,6 @@ from pallas_kernels.fused_terms import gated_chunks
 
 f32 = jnp.float32
 INTERPRET = jax.default_backend() != "gpu"   # natively on a GPU host
-H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-# Auto axes: under jax 0.12's default (Explicit) the Triton lowering of an in-kernel reduction fails.
-MESH = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,), abstract_device=H100)
 NAMES = ("q", "k", "v", "b", "h0")
 BLOCKS = BlockSizes(block_v=16, block_k=16)
 
@@ -182,10 +180,6 @@ def test_lowers_for_cuda(chunk: int, key_dim: int, value_dim: int, dtype: jnp.dt
     return jnp.sum(o.astype(f32)) + jnp.sum(final ** 2)
 
   fn = jax.jit(jax.value_and_grad(loss, tuple(range(5))))
-  with jax.sharding.use_abstract_mesh(MESH):
-    text = jax.export.export(
-        fn, platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(*args, rel).mlir_module()
+  text = h.export_cuda(fn, *args, rel)
   assert "key_gate_outputs" in text and "key_gate_gradients" in text
   assert text.count("__gpu$xla.gpu.triton") == 4     # with the two state kernels

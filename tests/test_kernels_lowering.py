@@ -15,25 +15,13 @@ import itertools
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+import _helpers as h
 
 from pallas_kernels import dispatch
 from pallas_kernels.chunk_recurrence import chunk_recurrence
 
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-
-
-def _export_cuda(fn, *args) -> str:
-  """The StableHLO of `fn` exported for CUDA under an abstract H100 mesh (Triton lowering)."""
-  # Auto axes: under jax 0.12's default (Explicit) the Triton lowering of a reduction inside a
-  # kernel gives its 1-D result the mesh's 2-D sharding spec and fails.
-  mesh = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,), abstract_device=H100)
-  with jax.sharding.use_abstract_mesh(mesh):
-    return jax.export.export(
-        fn, platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(*args).mlir_module()
 
 
 def _lower(platform: str, key_dim: int, value_dim: int, dtype: jnp.dtype, with_w_k: bool,
@@ -53,7 +41,7 @@ def _lower(platform: str, key_dim: int, value_dim: int, dtype: jnp.dtype, with_w
   fn = jax.jit(jax.grad(loss, argnums))
   if platform == "tpu":
     return jax.export.export(fn, platforms=["tpu"])(*args).mlir_module()
-  return _export_cuda(fn, *args)
+  return h.export_cuda(fn, *args)
 
 
 def _configs(platform: str) -> list[tuple]:
@@ -111,7 +99,7 @@ def test_ops_lower_through_the_kernel(platform: str, family: str) -> None:
   if platform == "tpu":
     module = jax.export.export(fn, platforms=["tpu"])(*args).mlir_module()
   else:
-    module = _export_cuda(fn, *args)
+    module = h.export_cuda(fn, *args)
   assert module.count(MARKER[platform]) >= 2
 
 
@@ -178,6 +166,6 @@ def test_fused_terms_kernels_lower(family: str, key_dim: int, value_dim: int, dt
   gate = spec(1, time_, 2, key_dim, dt=jnp.float32) if family == "gated-per-key" else scalar
   args = (spec(1, time_, 2, key_dim), spec(1, time_, 2, key_dim), spec(1, time_, 2, value_dim),
           gate, scalar, spec(1, time_, dt=jnp.int32))
-  module = _export_cuda(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))), *args)
+  module = h.export_cuda(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))), *args)
   for name in FUSED_TERMS_KERNELS[family]:
     assert name in module, f"kernel {name} not in the lowered module"

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+import _helpers as h
 
 from jaxlin.ops import chunking, delta
 from jaxlin.ops.triangular import unit_lower_inverse
@@ -25,9 +26,6 @@ from pallas_kernels.fused_terms.ut_transform import ut_transform
 
 f32 = jnp.float32
 INTERPRET = jax.default_backend() != "gpu"   # natively on a GPU host
-H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-# Auto axes: under jax 0.12's default (Explicit) the Triton lowering of an in-kernel reduction fails.
-MESH = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,), abstract_device=H100)
 NAMES = ("k", "p", "v", "beta", "strength", "cum")
 
 
@@ -207,10 +205,6 @@ def test_lowers_for_cuda(chunk: int, key_dim: int, value_dim: int, dtype: jnp.dt
     return jnp.sum(u.astype(f32)) + jnp.sum(w.astype(f32) ** 2)
 
   fn = jax.jit(jax.value_and_grad(loss, tuple(range(6))))
-  with jax.sharding.use_abstract_mesh(MESH):
-    text = jax.export.export(
-        fn, platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(*args, rel).mlir_module()
+  text = h.export_cuda(fn, *args, rel)
   assert "ut_transform_fwd" in text and "ut_transform_bwd" in text
   assert text.count("__gpu$xla.gpu.triton") == 2

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlin import ops
+from pallas_kernels.gpu_lowering import export_cuda  # noqa: F401  (the lowering tests call h.export_cuda)
 
 Inputs = dict[str, Optional[np.ndarray]]
 
@@ -441,18 +442,3 @@ def expected_grad_keys(inputs: Inputs) -> set[str]:
 def cast(inputs: Inputs, dtype: Any, names: Sequence[str]) -> Inputs:
     """Copy of inputs with the named (non-None) arrays cast to dtype (as jax arrays)."""
     return {n: (jnp.asarray(x, dtype) if (x is not None and n in names) else x) for n, x in inputs.items()}
-
-
-def export_cuda(fn: Callable, *args: Any) -> str:
-    """The StableHLO text of `fn(*args)` exported for CUDA under an abstract H100 mesh: runs the
-    Pallas -> Triton lowering without a GPU (DESIGN.md section 7). Auto axes: under jax 0.12's
-    default (Explicit) the lowering of a reduction inside a kernel gives its 1-D result the
-    mesh's 2-D sharding spec and fails."""
-    from jax.sharding import AbstractDevice, AbstractMesh, AxisType  # pylint: disable=import-outside-toplevel
-    h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-    mesh = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,), abstract_device=h100)
-    with jax.sharding.use_abstract_mesh(mesh):
-        return jax.export.export(
-            fn, platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(*args).mlir_module()

@@ -18,8 +18,8 @@ import pytest
 
 import _helpers as h
 
-from pallas_kernels import dispatch
-from pallas_kernels.chunk_recurrence import chunk_recurrence
+from pallas_kernels import dispatch, gpu_lowering
+from pallas_kernels.chunk_recurrence import BlockSizes, chunk_recurrence
 
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
@@ -133,12 +133,12 @@ def _fused_terms_configs() -> list:
 
 FUSED_TERMS_KERNELS = {
     "gated": ("chunk_state_fwd", "scalar_gate_outputs", "chunk_state_bwd",
-              "scalar_gate_gradients"),
+              "scalar_gate_gradients", "scalar_gate_value_gradients"),
     "gated-per-key": ("chunk_state_fwd", "key_gate_outputs", "chunk_state_bwd",
                       "key_gate_gradients"),
     "delta": ("ut_transform_fwd", "chunk_state_fwd", "scalar_gate_outputs",
-              "scalar_gate_scores_t", "chunk_state_bwd", "scalar_gate_gradients",
-              "ut_transform_bwd"),
+              "scalar_gate_value_gradients", "chunk_state_bwd", "scalar_gate_gradients",
+              "ut_transform_bwd_columns", "ut_transform_bwd_keys"),
 }
 
 
@@ -148,24 +148,37 @@ def test_fused_terms_kernels_lower(family: str, key_dim: int, value_dim: int, dt
                                    segments: bool, time_: int) -> None:
   """The ops on GPU through `pallas_kernels.fused_terms`: every kernel of the forward and
   backward pass."""
-  from jaxlin.ops import delta_rule, gated_linear_attention  # pylint: disable=import-outside-toplevel
-  spec = lambda *shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt)
-  options = dispatch.KernelOptions(platform="gpu")
-  ids = lambda x: x if segments else None
-
-  def loss(q, k, v, g, beta, seg):
-    if family == "delta":
-      o, final = delta_rule(q, k, v, beta, g, segment_ids=ids(seg), impl="pallas",
-                            kernel=options, output_final_state=True)
-    else:
-      o, final = gated_linear_attention(q, k, v, g, segment_ids=ids(seg), impl="pallas",
-                                        kernel=options, output_final_state=True)
-    return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(final)
-
-  scalar = spec(1, time_, 2, dt=jnp.float32)
-  gate = spec(1, time_, 2, key_dim, dt=jnp.float32) if family == "gated-per-key" else scalar
-  args = (spec(1, time_, 2, key_dim), spec(1, time_, 2, key_dim), spec(1, time_, 2, value_dim),
-          gate, scalar, spec(1, time_, dt=jnp.int32))
-  module = h.export_cuda(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))), *args)
+  fn, args = gpu_lowering.op_gradient(family, key_dim, value_dim, dtype, time_, segments,
+                                      dispatch.KernelOptions(platform="gpu"))
+  module = h.export_cuda(fn, *args)
   for name in FUSED_TERMS_KERNELS[family]:
     assert name in module, f"kernel {name} not in the lowered module"
+
+
+def test_triton_kernels_lists_each_kernel_with_its_launch() -> None:
+  """`gpu_lowering.triton_kernels`: one entry per kernel, its Triton IR and its own num_warps
+  (the per-chunk kernels take `chunk_warps`, the state kernels `num_warps`)."""
+  blocks = BlockSizes(block_v=32, block_k=32, num_warps=2, chunk_warps=4)
+  fn, args = gpu_lowering.op_gradient("gated", 64, 64, jnp.bfloat16, 80, True,
+                                      dispatch.KernelOptions(platform="gpu", block_sizes=blocks))
+  kernels = gpu_lowering.triton_kernels(fn, *args)
+  assert sorted(k.name for k in kernels) == sorted(FUSED_TERMS_KERNELS["gated"])
+  for kernel in kernels:
+    assert f"tt.func public @{kernel.name}" in kernel.ttir
+    want = blocks.num_warps if kernel.name.startswith("chunk_state") else blocks.chunk_warps
+    assert (kernel.num_warps, kernel.num_stages) == (want, blocks.num_stages), kernel.name
+
+
+@pytest.mark.slow   # needs the `resources` extra (triton); CI step 2 installs it
+@pytest.mark.parametrize("family", ["gated", "delta"])
+def test_scalar_gate_and_delta_kernels_do_not_spill(family: str) -> None:
+  """At the benchmark shape (K = V = 128, bf16, chunk 64) and the default blocks, Triton 3.9
+  compiles every kernel of the scalar-gate and delta-rule paths for sm_90 with no register
+  spills and within an H100's 227 KiB of shared memory (an estimate of what XLA's Triton
+  does; `benchmarks/kernel_resources.py`)."""
+  fn, args = gpu_lowering.op_gradient(family, 128, 128, jnp.bfloat16, 128, False,
+                                      dispatch.KernelOptions(platform="gpu"))
+  for kernel in gpu_lowering.triton_kernels(fn, *args):
+    usage = gpu_lowering.triton_resources(kernel)
+    assert usage["stack"] == 0, f"{kernel.name} spills: {usage}"
+    assert usage["shared"] <= 227 * 1024, f"{kernel.name}: {usage}"

@@ -111,6 +111,8 @@ CASES = [  # (chunk, K, V, docs, p = k, strong gate, dtype)
     pytest.param(32, 16, 64, False, True, False, jnp.float32, marks=SLOW),
     pytest.param(64, 32, 32, True, False, False, jnp.bfloat16, marks=SLOW),
     pytest.param(32, 32, 32, False, False, True, jnp.bfloat16),
+    # K, V > 64: the backward kernels walk two 64-column blocks of each.
+    pytest.param(16, 128, 128, True, False, False, jnp.float32),
 ]
 
 
@@ -206,5 +208,6 @@ def test_lowers_for_cuda(chunk: int, key_dim: int, value_dim: int, dtype: jnp.dt
 
   fn = jax.jit(jax.value_and_grad(loss, tuple(range(6))))
   text = h.export_cuda(fn, *args, rel)
-  assert "ut_transform_fwd" in text and "ut_transform_bwd" in text
-  assert text.count("__gpu$xla.gpu.triton") == 2
+  for name in ("ut_transform_fwd", "ut_transform_bwd_columns", "ut_transform_bwd_keys"):
+    assert name in text, f"kernel {name} not in the lowered module"
+  assert text.count("__gpu$xla.gpu.triton") == 3

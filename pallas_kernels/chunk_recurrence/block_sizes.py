@@ -19,12 +19,14 @@ class BlockSizes:
 
   block_v: value columns per program (a power of two on GPU; a multiple of
     128, or all of V, on TPU).
-  block_k: key rows per program of the GPU gated-family state kernels (a power
-    of two); None: all of K.
+  block_k: key rows per program of the GPU gated-family state kernels, and key
+    columns per program (or loop step) of the gradient and score kernels of
+    `fused_terms` (a power of two); None: all of K.
   num_warps, num_stages: Triton launch parameters (GPU only).
   chunk_warps: num_warps of the GPU per-chunk kernels of `pallas_kernels.fused_terms`
-    (outputs, gradients, UT transform), which hold several [C, K] float32 tiles at once;
-    8 is a guess that keeps them under the register limit, not a measurement.
+    (outputs, gradients, UT transform). 8: with K = V = 128 and bf16, Triton 3.9 compiles
+    every scalar-gate and delta-rule kernel without spills at 8 warps, and spills at 4
+    and 16 (`benchmarks/kernel_resources.py`, no GPU needed); not yet timed.
   """
   block_v: int
   block_k: int | None = None

@@ -7,7 +7,7 @@ chunk (`ut_transform`), the recurrence
 
 runs as: the delta state kernel (`chunk_recurrence.gpu.state_pass`, fed Diag(c) k
 and d), then `scalar_kernels.output_pass` (A formed in registers). Backward:
-`scalar_kernels.scores_transpose_pass` (A^T dO), the delta state-gradient kernel (G_{n+1}
+`scalar_kernels.value_gradient_pass` (A^T dO), the delta state-gradient kernel (G_{n+1}
 and dW), then `scalar_kernels.gradient_pass` (dq, dk, dW_k, db; dU = dW).
 
 Legend: R rows, N chunks, C chunk length, K key dim, V value dim.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.chunk_recurrence import gpu as state_kernels
 from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
@@ -56,7 +57,8 @@ def _backward(blocks, interpret, residuals, grads):
   d_o, d_final = grads
   d_o = d_o.astype(q.dtype)
   q_in, k_out, decay = state_operands(q, k, b, rel)
-  a_t_do = kernels.scores_transpose_pass(q, k, b, rel, d_o, blocks=blocks, interpret=interpret)
+  a_t_do = kernels.value_gradient_pass(q, k, b, rel, d_o, None, jnp.float32, blocks=blocks,
+                                       interpret=interpret)
   d_states, d_w, d_initial = state_kernels.state_grad_pass(
       q_in, k_out, d_o, a_t_do, w_k, decay, d_final, blocks=blocks, interpret=interpret)
   d_q, d_k, d_w_k, d_b = kernels.gradient_pass(q, k, w, b, rel, states, d_states, d_o, d_w,

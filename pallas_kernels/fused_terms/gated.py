@@ -3,11 +3,12 @@
     forward   S_n from the state kernel (`chunk_recurrence.gpu.state_pass`) fed
               K_out and d (`state_operands`, elementwise XLA), then `output_pass`.
     backward  G_{n+1} from `state_grad_pass` fed Q_in, then `gradient_pass`
-              gives dq, dk, dv and db of every chunk at once.
+              gives dq, dk, dv and db of every chunk (a value-block kernel for dv,
+              a key-block kernel for dq, dk and db).
 
 A scalar gate b [R, N, C] runs `scalar_kernels` (A = (q k^T) o E in one matmul);
-a per-key gate b [R, N, C, K] runs `key_kernels` (A by 16-row blocks, exact for
-strong gates). The math is in those modules. Legend: R rows, N chunks, C chunk
+a per-key gate b [R, N, C, K] runs `key_kernels` (A by 16-row blocks in a kernel
+of its own, exact for strong gates). The math is in those modules. Legend: R rows, N chunks, C chunk
 length, K key dim, V value dim.
 """
 

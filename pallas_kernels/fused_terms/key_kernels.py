@@ -27,6 +27,12 @@ exp(b_ik) exp(-b_jk) across a span that could overflow. The chunk is cut into
   I = J   elementwise, one column j at a time (16 unrolled steps):
           A_ij = sum_k q_ik k_jk exp(b_ik - b_jk), masked before the exp.
 
+Kernels (each holds [C, C] tiles and one key or value block of [C, K], [C, V] at a time):
+  `scores_pass`        A [C, C] float32, summed over key blocks in a loop;
+  `output_pass`        o = Q_in S + A W by value blocks, A from `scores_pass`;
+  `gradient_pass`      dv = A^T dO + K_out G by value blocks (A recomputed), then
+  `key_gradient_pass`  dq, dk, db by key blocks (dA recomputed in each).
+
 Backward, with G = dL/dS_next and dA = (dO V^T) o M:
 
     dv   = A^T dO + K_out G            dQ_in = dO S^T         dK_out = V G^T
@@ -38,6 +44,9 @@ Backward, with G = dL/dS_next and dA = (dO V^T) o M:
             db_j -= sum_{i>j} P_ij (i = j has gap 0 by construction: left out exactly)
     db   += Q_in o dQ_in - [i < C] K_out o dK_out
     db_C += sum_{j<C} (K_out o dK_out)_j + d o sum_v (G o S)
+
+Every term but dA is local to its key column k, so a key block of K computes its
+columns of dq, dk and db alone.
 
 db [C, K] is dL/db; the caller turns it into dg (the transpose of the cumsum).
 
@@ -54,8 +63,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
 from pallas_kernels.chunk_recurrence.chunk_math import dot
-from pallas_kernels.fused_terms.specs import (chunk_spec, compiler_params, gradient_operands,
-                                              value_block_call)
+from pallas_kernels.fused_terms.specs import (chunk_spec, compiler_params, gate_operands,
+                                              gradient_operands, value_block_call)
 
 f32 = jnp.float32
 BLOCK = 16               # rows of a block of the chunk
@@ -94,13 +103,15 @@ def _pick(x: jax.Array, i: int) -> jax.Array:
   return jnp.sum(jnp.where(_row_iota() == i, x, 0), axis=0)
 
 
-def _load(q_ref: Any, k_ref: Any, b_ref: Any, rel_ref: Any | None) -> Chunk:
-  """The blocks of one chunk (static slices of the refs) and its gate terms."""
+def _load(q_ref: Any, k_ref: Any, b_ref: Any, rel_ref: Any | None,
+          keys: Any = slice(None)) -> Chunk:
+  """The blocks of one chunk (static row slices of the refs; the key columns `keys`, all by
+  default) and its gate terms."""
   num = q_ref.shape[0] // BLOCK
   rows = lambda i: pl.ds(i * BLOCK, BLOCK)
-  q = [q_ref[rows(i), :] for i in range(num)]
-  k = [k_ref[rows(i), :] for i in range(num)]
-  b = [b_ref[rows(i), :] for i in range(num)]
+  q = [q_ref[rows(i), keys] for i in range(num)]
+  k = [k_ref[rows(i), keys] for i in range(num)]
+  b = [b_ref[rows(i), keys] for i in range(num)]
   rel = [None if rel_ref is None else rel_ref[rows(i)] for i in range(num)]
   refs = [_pick(x, BLOCK - 1) for x in b]
   b_last = refs[-1]
@@ -176,34 +187,83 @@ def _scores(chunk: Chunk) -> dict[tuple[int, int], jax.Array]:
   return out
 
 
+def scores_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None, *,
+                blocks: BlockSizes, interpret: bool = False) -> jax.Array:
+  """A [R, N, C, C] float32 of every (row, chunk), zero above the diagonal.
+
+  A = sum over key blocks kappa of A_kappa (the scores of keys kappa alone), one key block of
+  `BlockSizes.key_block(K)` columns per loop step, so a step holds [16, K_block] tiles.
+  Arguments as `output_pass`.
+  """
+  rows, num, chunk, key_dim = q.shape
+  bk = blocks.key_block(key_dim)
+  nb = chunk // BLOCK
+  pairs = [(i, j) for i in range(nb) for j in range(i + 1)]
+  docs = rel is not None
+
+  def kernel(*refs: Any) -> None:
+    q_ref, k_ref, b_ref, *rest = refs
+    rel_ref, a_ref = rest if docs else (None, *rest)
+
+    def add_key_block(kb: jax.Array, acc: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+      scores = _scores(_load(q_ref, k_ref, b_ref, rel_ref, pl.ds(kb * bk, bk)))
+      return tuple(a + scores[ij] for a, ij in zip(acc, pairs))
+
+    zeros = tuple(jnp.zeros((BLOCK, BLOCK), f32) for _ in pairs)
+    scores = dict(zip(pairs, jax.lax.fori_loop(0, key_dim // bk, add_key_block, zeros)))
+    for i in range(nb):
+      for j in range(nb):
+        a_ij = scores[i, j] if j <= i else jnp.zeros((BLOCK, BLOCK), f32)
+        a_ref[pl.ds(i * BLOCK, BLOCK), pl.ds(j * BLOCK, BLOCK)] = a_ij
+
+  inputs, in_specs = gate_operands(q, k, b, rel)
+  return pl.pallas_call(
+      kernel, grid=(rows, num), in_specs=in_specs, out_specs=chunk_spec(chunk, chunk),
+      out_shape=jax.ShapeDtypeStruct((rows, num, chunk, chunk), f32),
+      compiler_params=compiler_params(blocks), interpret=interpret, name="key_gate_scores",
+  )(*inputs)
+
+
+def _reach(b: jax.Array, rel: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """(a, c) [C, K] float32 of one chunk from b [C, K] and rel [C] (module docstring)."""
+  chunk = b.shape[0]
+  row = jax.lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
+  last = row == chunk - 1
+  b_last = jnp.sum(jnp.where(last, b, 0.0), axis=0)
+  incoming = jnp.exp(b)
+  outgoing = jnp.exp(jnp.where(last, 0.0, jnp.minimum(b_last[None, :] - b, 0.0)))
+  if rel is not None:
+    rel_last = jnp.sum(jnp.where(last[:, 0], rel, 0))
+    incoming = jnp.where((rel == 0)[:, None], incoming, 0.0)
+    outgoing = jnp.where((rel == rel_last)[:, None], outgoing, 0.0)
+  return incoming, outgoing
+
+
 def output_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
                 states: jax.Array, w: jax.Array, *, blocks: BlockSizes,
                 interpret: bool = False) -> jax.Array:
   """o = Q_in S + A W for every (row, chunk): [R, N, C, V] in q's dtype.
 
   q, k: [R,N,C,K] and states S [R,N,K,V], w [R,N,C,V] in the matmul dtype;
-  b: [R,N,C,K] float32; rel: [R,N,C] int32 or None.
+  b: [R,N,C,K] float32; rel: [R,N,C] int32 or None. A from `scores_pass`.
   """
-  chunk, key_dim = q.shape[2:]
+  key_dim = q.shape[-1]
+  chunk = q.shape[2]
   docs = rel is not None
 
   def kernel(*refs: Any) -> None:
-    q_ref, k_ref, b_ref, *rest = refs
-    rel_ref, s_ref, w_ref, o_ref = rest if docs else (None, *rest)
+    q_ref, _, b_ref, *rest = refs
+    rel_ref, a_ref, s_ref, w_ref, o_ref = rest if docs else (None, *rest)
     mm = q_ref.dtype
-    c = _load(q_ref, k_ref, b_ref, rel_ref)
-    scores = _scores(c)
-    s = s_ref[...]
-    w_rows = [w_ref[pl.ds(j * BLOCK, BLOCK), :] for j in range(len(c.rows))]
-    for i, x in enumerate(c.rows):
-      q_in = (x.incoming * x.q.astype(f32)).astype(mm)
-      o = dot(q_in, s)
-      for j in range(i + 1):
-        o += dot(scores[i, j].astype(mm), w_rows[j])
-      o_ref[pl.ds(i * BLOCK, BLOCK), :] = o.astype(o_ref.dtype)
+    incoming, _ = _reach(b_ref[...], None if rel_ref is None else rel_ref[...])
+    q_in = (incoming * q_ref[...].astype(f32)).astype(mm)
+    o = dot(q_in, s_ref[...]) + dot(a_ref[...].astype(mm), w_ref[...])
+    o_ref[...] = o.astype(o_ref.dtype)
 
+  scores = scores_pass(q, k, b, rel, blocks=blocks, interpret=interpret)
   return value_block_call(kernel, q, k, b, rel, [(states, key_dim), (w, chunk)], q.dtype,
-                          blocks=blocks, interpret=interpret, name="key_gate_outputs")
+                          whole_chunk=[(scores, chunk_spec(chunk, chunk))], blocks=blocks,
+                          interpret=interpret, name="key_gate_outputs")
 
 
 def _diagonal_grads(x: Rows, d_scores: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -228,14 +288,47 @@ def gradient_pass(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array,
                   rel: jax.Array | None, states: jax.Array, d_states: jax.Array,
                   d_o: jax.Array, *, blocks: BlockSizes,
                   interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """(dq, dk, dv in the inputs' dtype, db [R,N,C,K] float32) of every chunk, one program
-  per (row, chunk), V walked in blocks of `block_v`.
+  """(dq, dk, dv in the inputs' dtype, db [R,N,C,K] float32) of every chunk.
 
+  dv = A^T dO + K_out G by value blocks (`key_gate_value_gradients`, A recomputed by
+  `scores_pass`); dq, dk and db by key blocks (`key_gradient_pass`).
   states S_n and d_states G_{n+1} = dL/dS_{n+1}: [R,N,K,V] in the matmul dtype;
   d_o [R,N,C,V] in the matmul dtype; the rest as `output_pass`.
   """
+  chunk, key_dim = q.shape[2:]
+  docs = rel is not None
+
+  def kernel(*refs: Any) -> None:
+    _, k_ref, b_ref, *rest = refs
+    rel_ref, a_ref, do_ref, g_ref, dv_ref = rest if docs else (None, *rest)
+    mm = k_ref.dtype
+    _, outgoing = _reach(b_ref[...], None if rel_ref is None else rel_ref[...])
+    k_out = (outgoing * k_ref[...].astype(f32)).astype(mm)
+    d_v = dot(a_ref[...].astype(mm), do_ref[...], trans_a=True) + dot(k_out, g_ref[...])
+    dv_ref[...] = d_v.astype(dv_ref.dtype)
+
+  scores = scores_pass(q, k, b, rel, blocks=blocks, interpret=interpret)
+  d_v = value_block_call(kernel, q, k, b, rel, [(d_o, chunk), (d_states, key_dim)], v.dtype,
+                         whole_chunk=[(scores, chunk_spec(chunk, chunk))], blocks=blocks,
+                         interpret=interpret, name="key_gate_value_gradients")
+  d_q, d_k, d_b = key_gradient_pass(q, k, v, b, rel, states, d_states, d_o, blocks=blocks,
+                                    interpret=interpret)
+  return d_q, d_k, d_v, d_b
+
+
+def key_gradient_pass(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array,
+                      rel: jax.Array | None, states: jax.Array, d_states: jax.Array,
+                      d_o: jax.Array, *, blocks: BlockSizes,
+                      interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(dq, dk, db) of every chunk, one program per (row, chunk, key block of
+  `BlockSizes.key_block(K)` columns), V walked in blocks of `block_v`.
+
+  Every per-key term is local to its key column; only dA = dO V^T spans all keys, and each
+  key block recomputes it. Arguments as `gradient_pass`.
+  """
   rows, num, chunk, key_dim = q.shape
   value_dim = v.shape[-1]
+  bk = blocks.key_block(key_dim)
   bv = min(blocks.block_v, value_dim)
   nb = chunk // BLOCK
   docs = rel is not None
@@ -244,16 +337,15 @@ def gradient_pass(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array,
     q_ref, k_ref, v_ref, b_ref, *rest = refs
     if not docs:
       rest = [None, *rest]
-    rel_ref, s_ref, g_ref, do_ref, dq_ref, dk_ref, dv_ref, db_ref = rest
+    rel_ref, s_ref, g_ref, do_ref, dq_ref, dk_ref, db_ref = rest
     mm = q_ref.dtype
     c = _load(q_ref, k_ref, b_ref, rel_ref)
-    scores = {ij: a.astype(mm) for ij, a in _scores(c).items()}
-    k_out = [(x.outgoing * x.k.astype(f32)).astype(mm) for x in c.rows]
     row_block = lambda i: pl.ds(i * BLOCK, BLOCK)
-    d_scores = {ij: jnp.zeros((BLOCK, BLOCK), f32) for ij in scores}     # dO V^T
-    d_q_in = [jnp.zeros((BLOCK, key_dim), f32) for _ in range(nb)]        # dO S^T
-    d_k_out = [jnp.zeros((BLOCK, key_dim), f32) for _ in range(nb)]       # V G^T
-    d_decay = jnp.zeros((key_dim,), f32)                                  # sum_v G o S
+    d_scores = {(i, j): jnp.zeros((BLOCK, BLOCK), f32)                   # dO V^T
+                for i in range(nb) for j in range(i + 1)}
+    d_q_in = [jnp.zeros((BLOCK, bk), f32) for _ in range(nb)]             # dO S^T
+    d_k_out = [jnp.zeros((BLOCK, bk), f32) for _ in range(nb)]            # V G^T
+    d_decay = jnp.zeros((bk,), f32)                                       # sum_v G o S
     for p in range(value_dim // bv):
       cols = pl.ds(p * bv, bv)
       s_p, g_p = s_ref[:, cols], g_ref[:, cols]
@@ -265,13 +357,8 @@ def gradient_pass(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array,
         d_k_out[i] += dot(v_p[i], g_p, trans_b=True)
         for j in range(i + 1):
           d_scores[i, j] += dot(do_p[i], v_p[j], trans_b=True)
-      for j in range(nb):
-        d_v = dot(k_out[j], g_p)
-        for i in range(j, nb):
-          d_v += dot(scores[i, j], do_p[i], trans_a=True)
-        dv_ref[row_block(j), cols] = d_v.astype(dv_ref.dtype)
     d_q, d_k, d_b = [], [], []
-    ends = jnp.zeros((key_dim,), f32)               # sum_{j<C} (K_out o dK_out)_j
+    ends = jnp.zeros((bk,), f32)                    # sum_{j<C} (K_out o dK_out)_j
     for i, x in enumerate(c.rows):
       dq_i, dk_i, db_i = _diagonal_grads(x, _masked(_same(x, x), d_scores[i, i]))
       d_in = x.incoming * d_q_in[i]                                       # a o dQ_in
@@ -287,7 +374,7 @@ def gradient_pass(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array,
       to_ref = _to_ref(y)
       k_t = y.k.astype(f32) * to_ref
       k_t_mm = k_t.astype(mm)
-      d_k_t = jnp.zeros((BLOCK, key_dim), f32)
+      d_k_t = jnp.zeros((BLOCK, bk), f32)
       for i in range(j + 1, nb):
         x = c.rows[i]
         from_ref = _from_ref(x, y)
@@ -304,12 +391,12 @@ def gradient_pass(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array,
       dk_ref[row_block(i), :] = d_k[i].astype(dk_ref.dtype)
       db_ref[row_block(i), :] = d_b[i]
 
-  inputs, in_specs = gradient_operands(q, k, v, b, rel, states, d_states, d_o)
+  inputs, in_specs = gradient_operands(q, k, v, b, rel, states, d_states, d_o, key_block=bk)
+  key_cols = chunk_spec(chunk, bk, blocked=True)
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-               jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(b.shape, f32)]
-  out_specs = [chunk_spec(chunk, key_dim), chunk_spec(chunk, key_dim), chunk_spec(chunk, value_dim),
-               chunk_spec(chunk, key_dim)]
+               jax.ShapeDtypeStruct(b.shape, f32)]
   return tuple(pl.pallas_call(
-      kernel, grid=(rows, num), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      compiler_params=compiler_params(blocks), interpret=interpret, name="key_gate_gradients",
+      kernel, grid=(rows, num, key_dim // bk), in_specs=in_specs, out_specs=[key_cols] * 3,
+      out_shape=out_shape, compiler_params=compiler_params(blocks), interpret=interpret,
+      name="key_gate_gradients",
   )(*inputs))

@@ -19,7 +19,8 @@ delta rule),
 Every exponent is <= 0 where its mask is set (b decreases), so nothing
 overflows. The XLA form materialises A, Diag(a) q and Diag(c) k in float32 and
 differentiates through them; here `output_pass` forms A from q, k and b in
-registers, and `gradient_pass` returns the gradients of a whole chunk:
+registers, and the backward kernels return the gradients of a whole chunk
+(`key_gradient_pass`: dq, dk, dW_k, db by key blocks; `value_gradient_pass`: dv):
 
     dA  = dO W^T                     dv = A^T dO + Diag(c) k G     (gated family, W = v)
     dq  = (dA o E) k + Diag(a) dO S^T                              dW_k = -dW S^T (delta rule)
@@ -123,40 +124,78 @@ def output_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
                           blocks=blocks, interpret=interpret, name="scalar_gate_outputs")
 
 
-def scores_transpose_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
-                          d_o: jax.Array, *, blocks: BlockSizes,
-                          interpret: bool = False) -> jax.Array:
-  """A^T dO for every (row, chunk): [R, N, C, V] float32 (the delta rule's state-gradient
-  kernel needs it for dW = A^T dO + K_out G). Arguments as `output_pass`."""
-  chunk = q.shape[2]
-  docs = rel is not None
+def value_gradient_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
+                        d_o: jax.Array, d_states: jax.Array | None, out_dtype: jnp.dtype, *,
+                        blocks: BlockSizes, interpret: bool = False) -> jax.Array:
+  """dv = A^T dO + Diag(c) k G for every (row, chunk): [R, N, C, V] of `out_dtype`.
+
+  With d_states None, A^T dO alone (the delta rule's state-gradient kernel adds K_out G
+  itself to form dW). d_o [R,N,C,V] and d_states G_{n+1} [R,N,K,V] in the matmul dtype;
+  the rest as `output_pass`.
+  """
+  chunk, key_dim = q.shape[2:]
+  docs, with_states = rel is not None, d_states is not None
 
   def kernel(*refs):
     q_ref, k_ref, b_ref, *rest = refs
-    rel_ref, do_ref, out_ref = rest if docs else (None, *rest)
+    if not docs:
+      rest = [None, *rest]
+    if not with_states:
+      rest = [*rest[:2], None, rest[2]]
+    rel_ref, do_ref, g_ref, out_ref = rest
+    mm = q_ref.dtype
     dec = chunk_decays(b_ref[...], _rel(rel_ref))
-    scores = _scores(q_ref[...], k_ref[...], dec).astype(q_ref.dtype)
-    out_ref[...] = dot(scores, do_ref[...], trans_a=True)
+    kv = k_ref[...]
+    scores = _scores(q_ref[...], kv, dec).astype(mm)
+    d_v = dot(scores, do_ref[...], trans_a=True)
+    if with_states:
+      d_v += dot((dec.outgoing * kv.astype(f32)).astype(mm), g_ref[...])
+    out_ref[...] = d_v.astype(out_ref.dtype)
 
-  return value_block_call(kernel, q, k, b, rel, [(d_o, chunk)], f32, blocks=blocks,
-                          interpret=interpret, name="scalar_gate_scores_t")
+  extra = [(d_o, chunk)] + ([] if d_states is None else [(d_states, key_dim)])
+  return value_block_call(kernel, q, k, b, rel, extra, out_dtype, blocks=blocks,
+                          interpret=interpret, name="scalar_gate_value_gradients")
 
 
 def gradient_pass(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array,
                   rel: jax.Array | None, states: jax.Array, d_states: jax.Array,
                   d_o: jax.Array, d_w: jax.Array | None = None, *, blocks: BlockSizes,
                   interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """The per-chunk gradients, one program per (row, chunk), V walked in blocks of `block_v`.
+  """The per-chunk gradients of every (row, chunk) (module docstring).
 
-  Gated family (d_w None, w = v): (dq, dk, dv, db). Delta rule (d_w = dL/dW from the state
-  gradient kernel, w = W = U - W_k S): (dq, dk, dW_k = -dW S^T, db); dU = dW.
-  dq, dk, dv, dW_k [R,N,C,K|V] in the inputs' dtype; db [R,N,C] float32.
+  Gated family (d_w None, w = v): (dq, dk, dv, db); dv from `value_gradient_pass`. Delta
+  rule (d_w = dL/dW from the state gradient kernel, w = W = U - W_k S): (dq, dk,
+  dW_k = -dW S^T, db); dU = dW. dq, dk, dv, dW_k [R,N,C,K|V] in the inputs' dtype;
+  db [R,N,C] float32.
 
   states S_n and d_states G_{n+1} = dL/dS_{n+1}: [R,N,K,V] in the matmul dtype;
   d_o [R,N,C,V] in the matmul dtype; d_w [R,N,C,V] float32; the rest as `output_pass`.
   """
+  d_q, d_k, d_w_k, d_b = key_gradient_pass(q, k, w, b, rel, states, d_states, d_o, d_w,
+                                           blocks=blocks, interpret=interpret)
+  if d_w is None:
+    d_w_k = value_gradient_pass(q, k, b, rel, d_o, d_states, w.dtype, blocks=blocks,
+                                interpret=interpret)
+  return d_q, d_k, d_w_k, d_b
+
+
+def key_gradient_pass(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array,
+                      rel: jax.Array | None, states: jax.Array, d_states: jax.Array,
+                      d_o: jax.Array, d_w: jax.Array | None, *, blocks: BlockSizes,
+                      interpret: bool = False
+                      ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
+  """(dq, dk, dW_k or None, db) of every (row, chunk), one program per (row, chunk, key
+  block of `BlockSizes.key_block(K)` columns), V walked in blocks of `block_v`.
+
+  Every term is a sum over K, so a key block computes its share: its columns of dq, dk and
+  dW_k (dA = dO W^T is recomputed in each), and of db with A restricted to its keys,
+  A_kappa = (q_kappa k_kappa^T) o E; the key blocks' db are summed after the kernel. Keeping
+  [C, K_block] accumulators instead of [C, K] keeps the kernel within the registers.
+  Arguments as `gradient_pass`.
+  """
   rows, num, chunk, key_dim = q.shape
   value_dim = w.shape[-1]
+  bk = blocks.key_block(key_dim)
   bv = min(blocks.block_v, value_dim)
   docs, delta = rel is not None, d_w is not None
 
@@ -165,18 +204,15 @@ def gradient_pass(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array,
     if not docs:
       rest = [None, *rest]
     if not delta:
-      rest = [*rest[:4], None, *rest[4:]]
-    rel_ref, s_ref, g_ref, do_ref, dw_ref, dq_ref, dk_ref, dx_ref, db_ref = rest
+      rest = [*rest[:4], None, *rest[4:6], None, rest[6]]
+    rel_ref, s_ref, g_ref, do_ref, dw_ref, dq_ref, dk_ref, dwk_ref, db_ref = rest
     mm = q_ref.dtype
     dec = chunk_decays(b_ref[...], _rel(rel_ref))
-    qv, kv = q_ref[...], k_ref[...]
-    scores = _scores(qv, kv, dec)                                       # A, f32
-    scores_mm = scores.astype(mm)
-    k_out = (dec.outgoing * kv.astype(f32)).astype(mm)                  # Diag(c) k
+    qv, kv = q_ref[...], k_ref[...]                                     # [C, bk]
     d_scores = jnp.zeros((chunk, chunk), f32)
-    d_q_in = jnp.zeros((chunk, key_dim), f32)                           # dO S^T
-    d_k_out = jnp.zeros((chunk, key_dim), f32)                          # W G^T
-    d_w_k = jnp.zeros((chunk, key_dim), f32)                            # dW S^T
+    d_q_in = jnp.zeros((chunk, bk), f32)                                # dO S^T
+    d_k_out = jnp.zeros((chunk, bk), f32)                               # W G^T
+    d_w_k = jnp.zeros((chunk, bk), f32)                                 # dW S^T
     d_decay = jnp.zeros((), f32)                                        # sum(G o S)
     for p in range(value_dim // bv):
       cols = pl.ds(p * bv, bv)
@@ -187,17 +223,14 @@ def gradient_pass(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array,
       d_decay += jnp.sum(g_p.astype(f32) * s_p.astype(f32))
       if delta:
         d_w_k += dot(dw_ref[:, cols].astype(mm), s_p, trans_b=True)
-      else:
-        d_v = dot(scores_mm, do_p, trans_a=True) + dot(k_out, g_p)
-        dx_ref[:, cols] = d_v.astype(dx_ref.dtype)
     if delta:
-      dx_ref[...] = (-d_w_k).astype(dx_ref.dtype)
+      dwk_ref[...] = (-d_w_k).astype(dwk_ref.dtype)
     d_pairs = (d_scores * dec.pairs).astype(mm)                         # dA o E
     d_q_in = dec.incoming * d_q_in
     d_k_out = dec.outgoing * d_k_out
     dq_ref[...] = (dot(d_pairs, kv) + d_q_in).astype(dq_ref.dtype)
     dk_ref[...] = (dot(d_pairs, qv, trans_a=True) + d_k_out).astype(dk_ref.dtype)
-    products = jnp.where(dec.strict, d_scores * scores, 0.0)             # P
+    products = jnp.where(dec.strict, d_scores * _scores(qv, kv, dec), 0.0)   # P, keys kappa
     to_end = jnp.sum(kv.astype(f32) * d_k_out, axis=1, keepdims=True)  # (Diag(c) k) . W G^T
     to_end = jnp.where(dec.last, 0.0, to_end)
     d_b = (jnp.sum(products, axis=1, keepdims=True)
@@ -207,17 +240,22 @@ def gradient_pass(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array,
     d_b += jnp.where(dec.last, jnp.sum(to_end) + dec.decay * d_decay, 0.0)
     db_ref[...] = d_b[:, 0]
 
-  inputs, in_specs = gradient_operands(q, k, w, b, rel, states, d_states, d_o)
+  inputs, in_specs = gradient_operands(q, k, w, b, rel, states, d_states, d_o, key_block=bk)
   if delta:
     inputs.append(d_w)
     in_specs.append(chunk_spec(chunk, value_dim))
-  third = (jax.ShapeDtypeStruct(k.shape, k.dtype) if delta
-           else jax.ShapeDtypeStruct(w.shape, w.dtype))
-  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-               third, jax.ShapeDtypeStruct((rows, num, chunk), f32)]
-  out_specs = [chunk_spec(chunk, key_dim), chunk_spec(chunk, key_dim),
-               chunk_spec(chunk, key_dim if delta else value_dim), chunk_spec(chunk)]
-  return tuple(pl.pallas_call(
-      kernel, grid=(rows, num), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      compiler_params=compiler_params(blocks), interpret=interpret, name="scalar_gate_gradients",
-  )(*inputs))
+  key_cols = chunk_spec(chunk, bk, blocked=True)
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype)]
+  out_specs = [key_cols, key_cols]
+  if delta:
+    out_shape.append(jax.ShapeDtypeStruct(k.shape, k.dtype))
+    out_specs.append(key_cols)
+  out_shape.append(jax.ShapeDtypeStruct((rows, num, key_dim // bk, chunk), f32))
+  out_specs.append(pl.BlockSpec((None, None, None, chunk), lambda r, n, kb: (r, n, kb, 0)))
+  outs = pl.pallas_call(
+      kernel, grid=(rows, num, key_dim // bk), in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shape, compiler_params=compiler_params(blocks), interpret=interpret,
+      name="scalar_gate_gradients",
+  )(*inputs)
+  d_q, d_k, *d_w_k, d_b = outs
+  return d_q, d_k, (d_w_k[0] if delta else None), jnp.sum(d_b, axis=2)

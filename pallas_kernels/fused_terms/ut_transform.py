@@ -49,6 +49,7 @@ from pallas_kernels.fused_terms.specs import chunk_spec
 
 f32 = jnp.float32
 BLOCK = 16                 # rows of a block of the inverse
+COLUMN_BLOCK = 64          # columns of K or V per step of the backward kernels
 CHUNKS = (16, 32, 64)      # chunk lengths the kernels take
 DIM_RANGE = (16, 256)      # K and V: powers of two in this range
 
@@ -231,82 +232,136 @@ def _backward_call(num_warps: int, interpret: bool, k: jax.Array, p: jax.Array, 
                    beta: jax.Array, strength: jax.Array, cum: jax.Array, rel: jax.Array | None,
                    inverse: jax.Array, u: jax.Array, w: jax.Array, d_u: jax.Array,
                    d_w: jax.Array) -> tuple[jax.Array, ...]:
-  """(dk, dp, dv in the inputs' dtype, dbeta, dstrength, dcum float32) of every chunk."""
+  """(dk, dp, dv in the inputs' dtype, dbeta, dstrength, dcum float32) of every chunk.
+
+  Two kernels, each holding [C, C] tiles and one 64-column block of [C, K] or [C, V] at a
+  time (the whole chunk's dX and dp, dk at once do not fit in registers):
+    `ut_transform_bwd_columns`  dX = T^T dY by column blocks: dv, dbeta, dX_P . p and
+                                dL = -(dX Y^T) (summed over the blocks, not yet masked);
+    `ut_transform_bwd_keys`     G, ds, dcum from dL, then dp = Diag(s a) dX_P + G k and
+                                dk = G^T p by key blocks (dX_P = T^T dW_k recomputed).
+  """
+  inputs, in_specs = _chunk_operands(k, p, v, beta, strength, cum, rel)
+  d_v, d_beta, reach, d_lower = _backward_columns(num_warps, interpret, inputs, in_specs,
+                                                  inverse, u, w, d_u, d_w)
+  d_k, d_p, d_s, d_cum = _backward_keys(num_warps, interpret, inputs, in_specs, inverse, d_w,
+                                        reach, d_lower)
+  return d_k, d_p, d_v, d_beta, d_s, d_cum
+
+
+def _column_blocks(dim: int) -> list[Any]:
+  """Static slices of the 64-column blocks of a dimension (all of it when smaller)."""
+  width = min(COLUMN_BLOCK, dim)
+  return [pl.ds(c * width, width) for c in range(dim // width)]
+
+
+def _chunk_terms(beta_ref: Any, s_ref: Any, cum_ref: Any,
+                 rel_ref: Any | None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(beta, s, a [C, 1], E [C, C]) of one chunk, float32 (module docstring)."""
+  chunk = cum_ref.shape[0]
+  row = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+  col = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+  cum = cum_ref[...]
+  mask, incoming = col < row, jnp.exp(cum)
+  if rel_ref is not None:
+    rel = rel_ref[...]
+    mask = mask & (rel[:, None] == rel[None, :])
+    incoming = jnp.where(rel == 0, incoming, 0.0)
+  gaps = cum[:, None] - cum[None, :]
+  decays = jnp.where(mask, jnp.exp(jnp.where(mask, gaps, 0.0)), 0.0)
+  return beta_ref[...][:, None], s_ref[...][:, None], incoming[:, None], decays
+
+
+def _backward_columns(num_warps: int, interpret: bool, inputs: list[jax.Array],
+                      in_specs: list[pl.BlockSpec], inverse: jax.Array, u: jax.Array,
+                      w: jax.Array, d_u: jax.Array,
+                      d_w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(dv, dbeta, reach = dX_P . p [R,N,C], dL [R,N,C,C] float32) of every chunk."""
+  k, _, v = inputs[:3]
   rows, num, chunk, key_dim = k.shape
   value_dim = v.shape[-1]
-  blocks = chunk // BLOCK
-  docs = rel is not None
+  docs = len(inputs) == 7
 
   def kernel(*refs: Any) -> None:
-    k_ref, p_ref, v_ref, beta_ref, s_ref, cum_ref, *rest = refs
-    rel_ref, *rest = rest if docs else (None, *rest)
-    (t_ref, u_ref, w_ref, du_ref, dw_ref,
-     dk_ref, dp_ref, dv_ref, dbeta_ref, ds_ref, dcum_ref) = rest
-    mm = k_ref.dtype
-    x = _rows(blocks, k_ref, p_ref, v_ref, beta_ref, s_ref, cum_ref, rel_ref)
-    row_block = lambda ref, i: ref[pl.ds(i * BLOCK, BLOCK), :]
-    y_u = [row_block(u_ref, i) for i in range(blocks)]
-    y_w = [row_block(w_ref, i) for i in range(blocks)]
-    dy_u = [row_block(du_ref, i).astype(mm) for i in range(blocks)]
-    dy_w = [row_block(dw_ref, i).astype(mm) for i in range(blocks)]
-    # dX = T^T dY, block column j of T against block rows i >= j of dY.
-    d_xv, d_xp = [], []
-    for j in range(blocks):
-      acc_v = jnp.zeros((BLOCK, value_dim), f32)
-      acc_p = jnp.zeros((BLOCK, key_dim), f32)
-      for i in range(j, blocks):
-        t_ij = t_ref[pl.ds(i * BLOCK, BLOCK), pl.ds(j * BLOCK, BLOCK)].astype(mm)
-        acc_v += dot(t_ij, dy_u[i], trans_a=True)
-        acc_p += dot(t_ij, dy_w[i], trans_a=True)
-      d_xv.append(acc_v)
-      d_xp.append(acc_p)
-    # Through X: dv, dbeta, and the P columns' share of dp, ds, dcum.
-    d_v = [b[:, None] * d for b, d in zip(x.beta, d_xv)]
-    d_beta = [jnp.sum(d * v.astype(f32), axis=1) for d, v in zip(d_xv, x.v)]
-    reach = [jnp.sum(d * p.astype(f32), axis=1) for d, p in zip(d_xp, x.p)]  # dX_P . p
-    d_p = [(s * a)[:, None] * d for s, a, d in zip(x.strength, x.incoming, d_xp)]
-    d_s = [a * r for a, r in zip(x.incoming, reach)]
-    d_cum = [s * a * r for s, a, r in zip(x.strength, x.incoming, reach)]
-    d_k = [jnp.zeros((BLOCK, key_dim), f32) for _ in range(blocks)]
-    # Through L: dL = -(dX Y^T) on M's support (E is 0 off it).
-    d_xv_mm = [d.astype(mm) for d in d_xv]
-    d_xp_mm = [d.astype(mm) for d in d_xp]
-    for i in range(blocks):
-      s_i = x.strength[i][:, None]
-      for j in range(i + 1):
-        scores, decays = _pair(x, i, j)
-        d_lower = -(dot(d_xv_mm[i], y_u[j], trans_b=True) + dot(d_xp_mm[i], y_w[j], trans_b=True))
-        d_scaled = d_lower * decays                                     # dL o E
-        through = d_scaled * scores                                     # dL o E o P K^T
-        d_s[i] += jnp.sum(through, axis=1)
-        gaps = s_i * through                                            # dL o L
-        d_cum[i] += jnp.sum(gaps, axis=1)
-        d_cum[j] -= jnp.sum(gaps, axis=0)
-        g = (s_i * d_scaled).astype(mm)                                 # G
-        d_p[i] += dot(g, x.k[j])
-        d_k[j] += dot(g, x.p[i], trans_a=True)
-    for i in range(blocks):
-      rows_i = pl.ds(i * BLOCK, BLOCK)
-      dk_ref[rows_i, :] = d_k[i].astype(dk_ref.dtype)
-      dp_ref[rows_i, :] = d_p[i].astype(dp_ref.dtype)
-      dv_ref[rows_i, :] = d_v[i].astype(dv_ref.dtype)
-      dbeta_ref[rows_i] = d_beta[i]
-      ds_ref[rows_i] = d_s[i]
-      dcum_ref[rows_i] = d_cum[i]
+    _, p_ref, v_ref, beta_ref, _, _, *rest = refs
+    _, *rest = rest if docs else (None, *rest)
+    t_ref, u_ref, w_ref, du_ref, dw_ref, dv_ref, dbeta_ref, reach_ref, dl_ref = rest
+    mm = p_ref.dtype
+    beta = beta_ref[...][:, None]
+    t = t_ref[...].astype(mm)
+    d_lower = jnp.zeros((chunk, chunk), f32)
+    d_beta = jnp.zeros((chunk,), f32)
+    reach = jnp.zeros((chunk,), f32)
+    for cols in _column_blocks(value_dim):                      # the V half: U = T Diag(beta) V
+      d_x = dot(t, du_ref[:, cols].astype(mm), trans_a=True)
+      d_lower -= dot(d_x.astype(mm), u_ref[:, cols], trans_b=True)
+      dv_ref[:, cols] = (beta * d_x).astype(dv_ref.dtype)
+      d_beta += jnp.sum(d_x * v_ref[:, cols].astype(f32), axis=1)
+    for cols in _column_blocks(key_dim):                        # the P half: W_k = T Diag(s a) P
+      d_x = dot(t, dw_ref[:, cols].astype(mm), trans_a=True)
+      d_lower -= dot(d_x.astype(mm), w_ref[:, cols], trans_b=True)
+      reach += jnp.sum(d_x * p_ref[:, cols].astype(f32), axis=1)
+    dbeta_ref[...] = d_beta
+    reach_ref[...] = reach
+    dl_ref[...] = d_lower
 
-  inputs, in_specs = _chunk_operands(k, p, v, beta, strength, cum, rel)
-  inputs += [inverse, u, w, d_u, d_w]
-  in_specs += [chunk_spec(chunk, chunk), chunk_spec(chunk, value_dim), chunk_spec(chunk, key_dim),
-               chunk_spec(chunk, value_dim), chunk_spec(chunk, key_dim)]
   vector = jax.ShapeDtypeStruct((rows, num, chunk), f32)
-  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(p.shape, p.dtype),
-               jax.ShapeDtypeStruct(v.shape, v.dtype), vector, vector, vector]
-  out_specs = [chunk_spec(chunk, key_dim), chunk_spec(chunk, key_dim), chunk_spec(chunk, value_dim),
-               chunk_spec(chunk), chunk_spec(chunk), chunk_spec(chunk)]
+  out_shape = [jax.ShapeDtypeStruct(v.shape, v.dtype), vector, vector,
+               jax.ShapeDtypeStruct((rows, num, chunk, chunk), f32)]
+  out_specs = [chunk_spec(chunk, value_dim), chunk_spec(chunk), chunk_spec(chunk),
+               chunk_spec(chunk, chunk)]
+  in_specs = in_specs + [chunk_spec(chunk, chunk), chunk_spec(chunk, value_dim),
+                         chunk_spec(chunk, key_dim), chunk_spec(chunk, value_dim),
+                         chunk_spec(chunk, key_dim)]
   return tuple(pl.pallas_call(
       kernel, grid=(rows, num), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      compiler_params=_params(num_warps), interpret=interpret, name="ut_transform_bwd",
-  )(*inputs))
+      compiler_params=_params(num_warps), interpret=interpret, name="ut_transform_bwd_columns",
+  )(*inputs, inverse, u, w, d_u, d_w))
+
+
+def _backward_keys(num_warps: int, interpret: bool, inputs: list[jax.Array],
+                   in_specs: list[pl.BlockSpec], inverse: jax.Array, d_w: jax.Array,
+                   reach: jax.Array, d_lower: jax.Array) -> tuple[jax.Array, ...]:
+  """(dk, dp, dstrength, dcum) of every chunk, from dL and dX_P . p (`_backward_columns`)."""
+  k = inputs[0]
+  rows, num, chunk, key_dim = k.shape
+  docs = len(inputs) == 7
+
+  def kernel(*refs: Any) -> None:
+    k_ref, p_ref, _, beta_ref, s_ref, cum_ref, *rest = refs
+    rel_ref, *rest = rest if docs else (None, *rest)
+    t_ref, dw_ref, reach_ref, dl_ref, dk_ref, dp_ref, ds_ref, dcum_ref = rest
+    mm = k_ref.dtype
+    _, strength, incoming, decays = _chunk_terms(beta_ref, s_ref, cum_ref, rel_ref)
+    scores = jnp.zeros((chunk, chunk), f32)                     # P K^T
+    for cols in _column_blocks(key_dim):
+      scores += dot(p_ref[:, cols], k_ref[:, cols], trans_b=True)
+    d_scaled = dl_ref[...] * decays                             # dL o E (E is 0 off M)
+    through = d_scaled * scores                                 # dL o E o P K^T
+    gaps = strength * through                                   # dL o L
+    reach = incoming[:, 0] * reach_ref[...]                     # a_i (dX_P,i . p_i)
+    ds_ref[...] = jnp.sum(through, axis=1) + reach
+    dcum_ref[...] = (jnp.sum(gaps, axis=1) - jnp.sum(gaps, axis=0)
+                     + strength[:, 0] * reach)
+    g = (strength * d_scaled).astype(mm)                        # G
+    t = t_ref[...].astype(mm)
+    for cols in _column_blocks(key_dim):
+      d_x = dot(t, dw_ref[:, cols].astype(mm), trans_a=True)   # dX_P, recomputed
+      dp_ref[:, cols] = (strength * incoming * d_x
+                         + dot(g, k_ref[:, cols])).astype(dp_ref.dtype)
+      dk_ref[:, cols] = dot(g, p_ref[:, cols], trans_a=True).astype(dk_ref.dtype)
+
+  vector = jax.ShapeDtypeStruct((rows, num, chunk), f32)
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+               vector, vector]
+  out_specs = [chunk_spec(chunk, key_dim), chunk_spec(chunk, key_dim), chunk_spec(chunk),
+               chunk_spec(chunk)]
+  in_specs = in_specs + [chunk_spec(chunk, chunk), chunk_spec(chunk, key_dim), chunk_spec(chunk),
+                         chunk_spec(chunk, chunk)]
+  return tuple(pl.pallas_call(
+      kernel, grid=(rows, num), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=_params(num_warps), interpret=interpret, name="ut_transform_bwd_keys",
+  )(*inputs, inverse, d_w, reach, d_lower))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -171,6 +171,7 @@ def test_causal_and_documents_do_not_leak(tiny: tuple) -> None:
   assert np.max(np.abs(b[:, :4] - a[:, :4])) > 1e-3
 
 
+@pytest.mark.slow   # CI step 2
 def test_remat_same_loss_and_grads() -> None:
   # one softmax + MoE block keeps the two gradient compiles cheap on CPU
   config = ModelConfig(**dict(TINY, num_layers=1, pattern="N", moe_every=1))

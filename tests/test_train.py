@@ -87,6 +87,7 @@ def test_loss_is_the_weighted_mean_cross_entropy() -> None:
   assert float(correct) == hits.sum()
 
 
+@pytest.mark.slow   # CI step 2; the default run keeps the single-batch training tests
 def test_gradient_accumulation_matches_one_big_batch() -> None:
   config = _model_config(moe_every=0)  # no aux losses: the objectives are identical
   graphdef, params = steps.init_params(config, 0)
@@ -125,6 +126,7 @@ def test_run_writes_metrics_checkpoints_plot_and_samples(straight_run) -> None:
   assert result.last_eval["perplexity"] == pytest.approx(math.exp(result.last_eval["loss"]))
 
 
+@pytest.mark.slow   # CI step 2 (about 70 s on 2 cores)
 def test_resume_after_sigterm_is_exact(straight_run, tmp_path, monkeypatch) -> None:
   """8 steps in one go == SIGTERM after step 3 (checkpoint) + a second run to step 8."""
   straight_dir, _ = straight_run
@@ -176,6 +178,7 @@ def test_corrupt_checkpoint_gives_a_clear_error(straight_run, tmp_path) -> None:
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
 
 
+@pytest.mark.slow   # CI step 2
 def test_non_finite_loss_stops_with_step_and_metric(tmp_path, monkeypatch) -> None:
   # NaN enters through the embedding of a softmax-only dense model: on jax 0.10.2, XLA:CPU
   # segfaults in the backward pass of the chunked GLA op when its per-key gates are NaN (fine on

@@ -247,8 +247,7 @@ def output_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
   q, k: [R,N,C,K] and states S [R,N,K,V], w [R,N,C,V] in the matmul dtype;
   b: [R,N,C,K] float32; rel: [R,N,C] int32 or None. A from `scores_pass`.
   """
-  key_dim = q.shape[-1]
-  chunk = q.shape[2]
+  chunk, key_dim = q.shape[2:]
   docs = rel is not None
 
   def kernel(*refs: Any) -> None:

@@ -255,9 +255,9 @@ def _column_blocks(dim: int) -> list[Any]:
   return [pl.ds(c * width, width) for c in range(dim // width)]
 
 
-def _chunk_terms(beta_ref: Any, s_ref: Any, cum_ref: Any,
-                 rel_ref: Any | None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """(beta, s, a [C, 1], E [C, C]) of one chunk, float32 (module docstring)."""
+def _chunk_terms(s_ref: Any, cum_ref: Any,
+                 rel_ref: Any | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(s, a [C, 1], E [C, C]) of one chunk, float32 (module docstring)."""
   chunk = cum_ref.shape[0]
   row = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
   col = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
@@ -269,7 +269,7 @@ def _chunk_terms(beta_ref: Any, s_ref: Any, cum_ref: Any,
     incoming = jnp.where(rel == 0, incoming, 0.0)
   gaps = cum[:, None] - cum[None, :]
   decays = jnp.where(mask, jnp.exp(jnp.where(mask, gaps, 0.0)), 0.0)
-  return beta_ref[...][:, None], s_ref[...][:, None], incoming[:, None], decays
+  return s_ref[...][:, None], incoming[:, None], decays
 
 
 def _backward_columns(num_warps: int, interpret: bool, inputs: list[jax.Array],
@@ -328,11 +328,11 @@ def _backward_keys(num_warps: int, interpret: bool, inputs: list[jax.Array],
   docs = len(inputs) == 7
 
   def kernel(*refs: Any) -> None:
-    k_ref, p_ref, _, beta_ref, s_ref, cum_ref, *rest = refs
+    k_ref, p_ref, _, _, s_ref, cum_ref, *rest = refs
     rel_ref, *rest = rest if docs else (None, *rest)
     t_ref, dw_ref, reach_ref, dl_ref, dk_ref, dp_ref, ds_ref, dcum_ref = rest
     mm = k_ref.dtype
-    _, strength, incoming, decays = _chunk_terms(beta_ref, s_ref, cum_ref, rel_ref)
+    strength, incoming, decays = _chunk_terms(s_ref, cum_ref, rel_ref)
     scores = jnp.zeros((chunk, chunk), f32)                     # P K^T
     for cols in _column_blocks(key_dim):
       scores += dot(p_ref[:, cols], k_ref[:, cols], trans_b=True)

@@ -165,7 +165,7 @@ LOWERED = [  # (chunk, K, V, dtype, docs)
 @pytest.mark.slow   # tests/test_kernels_lowering.py lowers these kernels through the op
 def test_lowers_for_cuda(chunk: int, key_dim: int, value_dim: int, dtype: jnp.dtype,
                          docs: bool) -> None:
-  """The output and gradient kernels lower through Triton for an H100 (`jax.export`)."""
+  """The score, output and gradient kernels lower through Triton for an H100 (`jax.export`)."""
   rows, num = 2, 2
   blocks = BlockSizes.default("gpu", key_dim, value_dim)
   spec = lambda *shape, dtype=f32: jax.ShapeDtypeStruct(shape, dtype)
@@ -181,5 +181,9 @@ def test_lowers_for_cuda(chunk: int, key_dim: int, value_dim: int, dtype: jnp.dt
 
   fn = jax.jit(jax.value_and_grad(loss, tuple(range(5))))
   text = h.export_cuda(fn, *args, rel)
-  assert "key_gate_outputs" in text and "key_gate_gradients" in text
-  assert text.count("__gpu$xla.gpu.triton") == 4     # with the two state kernels
+  names = ("key_gate_scores", "key_gate_outputs", "key_gate_value_gradients",
+           "key_gate_gradients")
+  for name in names:
+    assert name in text, f"kernel {name} not in the lowered module"
+  # the four, the two state kernels, and key_gate_scores again in the backward (A recomputed)
+  assert text.count("__gpu$xla.gpu.triton") == 7

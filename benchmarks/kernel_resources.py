@@ -14,6 +14,10 @@ cubin (`gpu_lowering.triton_resources`). Columns:
   regs     registers per thread (255 is the ceiling: at it, the compiler spills)
   stack    bytes of local memory per thread: register spills (0 is the goal)
   shared   bytes of shared memory Triton allocates (an H100 block may use up to 227 KiB)
+  compile  seconds the pip triton takes to compile the kernel on this host's CPU (a fresh
+           cache: TTIR to cubin, ptxas included); XLA's compile of the kernel on a GPU host
+           costs about as much, once per shape. A kernel whose IR was compiled earlier in
+           the run (the state kernels of several cases) comes from the cache, near 0 s
 XLA compiles the same IR with its own copy of Triton, so the figures are the pip triton's
 estimate of the real ones, not a measurement on the device; they agree on what spills when the
 two Triton versions are close. Prints a table and writes JSON.
@@ -24,8 +28,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import sys
+import tempfile
+import time
 from typing import Any
 
 import jax
@@ -58,6 +65,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                       help="KernelOptions.fused_terms")
   parser.add_argument("--out", default="benchmarks/results/kernel_resources.json")
   args = parser.parse_args(argv)
+  os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="kernel_resources_")  # time compiles
   try:
     import triton  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -65,7 +73,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   dtype = jnp.dtype(args.dtype)
   rows: list[dict[str, Any]] = []
   print(f"{'case':15s} {'chunk_warps':>11s} {'kernel':27s} {'warps':>5s} {'stages':>6s} "
-        f"{'regs':>5s} {'stack':>6s} {'shared':>7s}")
+        f"{'regs':>5s} {'stack':>6s} {'shared':>7s} {'compile':>7s}")
   for case in args.cases:
     for chunk_warps in args.chunk_warps:
       blocks = BlockSizes.default("gpu", args.K, args.V, delta=case == "gated_deltanet")
@@ -78,7 +86,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
       fn, fn_args = op_gradient(FAMILIES[case], args.K, args.V, dtype, args.T, args.documents,
                                 options)
       for kernel in triton_kernels(fn, *fn_args):
+        start = time.perf_counter()
         usage = triton_resources(kernel)
+        usage["compile_s"] = round(time.perf_counter() - start, 1)
         row = {"case": case, "chunk_warps": blocks.chunk_warps, "block_k": blocks.block_k,
                "kernel": kernel.name,
                "num_warps": kernel.num_warps, "num_stages": kernel.num_stages, **usage}
@@ -87,7 +97,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         flag += "  OVER SHARED" if usage["shared"] > H100_SHARED_BYTES else ""
         print(f"{case:15s} {blocks.chunk_warps:11d} {kernel.name:27s} {kernel.num_warps:5d} "
               f"{kernel.num_stages:6d} {usage['regs']:5d} {usage['stack']:6d} "
-              f"{usage['shared']:7d}{flag}", flush=True)
+              f"{usage['shared']:7d} {usage['compile_s']:6.1f}s{flag}", flush=True)
   result = {"config": {**vars(args), "jax": jax.__version__, "triton": triton.__version__},
             "kernels": rows}
   pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)

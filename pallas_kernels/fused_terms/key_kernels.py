@@ -24,14 +24,16 @@ exp(b_ik) exp(-b_jk) across a span that could overflow. The chunk is cut into
   I > J   through the reference point r_J = b at the last row of block J:
           qt_IJ = q_I o exp(b_I - r_J), kt_J = k_J o exp(r_J - b_J), both
           exponents <= 0, A_IJ = (qt_IJ kt_J^T) o M_IJ: exact, and a matmul;
-  I = J   elementwise, one column j at a time (16 unrolled steps):
+  I = J   elementwise, one column j per step of a 16-step loop:
           A_ij = sum_k q_ik k_jk exp(b_ik - b_jk), masked before the exp.
 
 Kernels (each holds [C, C] tiles and one key or value block of [C, K], [C, V] at a time):
   `scores_pass`        A [C, C] float32, summed over key blocks in a loop;
   `output_pass`        o = Q_in S + A W by value blocks, A from `scores_pass`;
   `gradient_pass`      dv = A^T dO + K_out G by value blocks (A recomputed), then
-  `key_gradient_pass`  dq, dk, db by key blocks (dA recomputed in each).
+  `key_gradient_pass`  dq, dk, db by key blocks (dA recomputed in each), walking the
+                       16-row block columns J in order: dA_IJ (I >= J) formed there, and
+                       block J's rows stored as soon as they are complete.
 
 Backward, with G = dL/dS_next and dA = (dO V^T) o M:
 
@@ -77,9 +79,31 @@ class Rows(NamedTuple):
   b: jax.Array                 # [16, K] float32
   rel: jax.Array | None        # [16] int32
   ref: jax.Array               # r_I: b at the block's last row, [K] float32
-  incoming: jax.Array          # a [16, K] float32
-  outgoing: jax.Array          # c [16, K] float32
   last: jax.Array              # bool [16, 1]: the chunk's last token
+  b_end: jax.Array             # b_C: b at the chunk's last row, [K] float32
+  rel_end: jax.Array | None    # rel_C (int32 scalar)
+
+  def incoming(self) -> jax.Array:
+    """a [16, K] float32 (module docstring)."""
+    return _incoming(self.b, self.rel)
+
+  def outgoing(self) -> jax.Array:
+    """c [16, K] float32 (module docstring)."""
+    return _outgoing(self.b, self.rel, self.last, self.b_end, self.rel_end)
+
+
+def _incoming(b: jax.Array, rel: jax.Array | None) -> jax.Array:
+  """a = exp(b) [rel = 0] for the rows b [n, K], rel [n] of a chunk."""
+  a = jnp.exp(b)
+  return a if rel is None else jnp.where((rel == 0)[:, None], a, 0.0)
+
+
+def _outgoing(b: jax.Array, rel: jax.Array | None, last: jax.Array, b_end: jax.Array,
+              rel_end: jax.Array | None) -> jax.Array:
+  """c = exp(b_C - b) [rel = rel_C] for the rows b [n, K], rel [n] of a chunk; `last` bool
+  [n, 1] marks row C, whose c is 1 by definition."""
+  c = jnp.exp(jnp.where(last, 0.0, jnp.minimum(b_end[None, :] - b, 0.0)))
+  return c if rel is None else jnp.where((rel == rel_end)[:, None], c, 0.0)
 
 
 class Chunk(NamedTuple):
@@ -96,7 +120,7 @@ def _col_iota() -> jax.Array:
   return jax.lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1)
 
 
-def _pick(x: jax.Array, i: int) -> jax.Array:
+def _pick(x: jax.Array, i: int | jax.Array) -> jax.Array:
   """Row i of a [16, K] block ([K]) or entry i of a [16] vector (a scalar)."""
   if x.ndim == 1:
     return jnp.sum(jnp.where(_row_iota((BLOCK,)) == i, x, 0))
@@ -106,29 +130,28 @@ def _pick(x: jax.Array, i: int) -> jax.Array:
 def _load(q_ref: Any, k_ref: Any, b_ref: Any, rel_ref: Any | None,
           keys: Any = slice(None)) -> Chunk:
   """The blocks of one chunk (static row slices of the refs; the key columns `keys`, all by
-  default) and its gate terms."""
+  default) and its decay."""
   num = q_ref.shape[0] // BLOCK
-  rows = lambda i: pl.ds(i * BLOCK, BLOCK)
-  q = [q_ref[rows(i), keys] for i in range(num)]
-  k = [k_ref[rows(i), keys] for i in range(num)]
-  b = [b_ref[rows(i), keys] for i in range(num)]
-  rel = [None if rel_ref is None else rel_ref[rows(i)] for i in range(num)]
-  refs = [_pick(x, BLOCK - 1) for x in b]
-  b_last = refs[-1]
-  rel_last = None if rel_ref is None else _pick(rel[-1], BLOCK - 1)
-  blocks = []
-  for i in range(num):
-    last = (_row_iota() == BLOCK - 1) & (i == num - 1)
-    incoming = jnp.exp(b[i])
-    outgoing = jnp.exp(jnp.where(last, 0.0, jnp.minimum(b_last[None, :] - b[i], 0.0)))
-    if rel_ref is not None:
-      incoming = jnp.where((rel[i] == 0)[:, None], incoming, 0.0)
-      outgoing = jnp.where((rel[i] == rel_last)[:, None], outgoing, 0.0)
-    blocks.append(Rows(q[i], k[i], b[i], rel[i], refs[i], incoming, outgoing, last))
-  decay = jnp.exp(b_last)
+  blocks = [_load_block(q_ref, k_ref, b_ref, rel_ref, i, keys) for i in range(num)]
+  decay = jnp.exp(blocks[0].b_end)
   if rel_ref is not None:
-    decay = jnp.where(rel_last == 0, decay, 0.0)
+    decay = jnp.where(blocks[0].rel_end == 0, decay, 0.0)
   return Chunk(blocks, decay)
+
+
+def _load_block(q_ref: Any, k_ref: Any, b_ref: Any, rel_ref: Any | None, i: int,
+                keys: Any = slice(None)) -> Rows:
+  """Block i of the chunk (rows 16 i .. 16 i + 15; the key columns `keys`)."""
+  num = q_ref.shape[0] // BLOCK
+  rows = lambda n: pl.ds(n * BLOCK, BLOCK)
+  b = b_ref[rows(i), keys]
+  b_end = _pick(b_ref[rows(num - 1), keys], BLOCK - 1)
+  rel = rel_end = None
+  if rel_ref is not None:
+    rel = rel_ref[rows(i)]
+    rel_end = _pick(rel_ref[rows(num - 1)], BLOCK - 1)
+  return Rows(q_ref[rows(i), keys], k_ref[rows(i), keys], b, rel, _pick(b, BLOCK - 1),
+              (_row_iota() == BLOCK - 1) & (i == num - 1), b_end, rel_end)
 
 
 def _same(x: Rows, y: Rows) -> jax.Array | None:
@@ -150,7 +173,7 @@ def _from_ref(x: Rows, y: Rows) -> jax.Array:
   return jnp.exp(jnp.minimum(x.b - y.ref[None, :], 0.0))
 
 
-def _column(x: Rows, j: int) -> tuple[jax.Array, jax.Array]:
+def _column(x: Rows, j: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(k_j [K] float32, the decays exp(b_i - b_j) [16, K] of the block's rows i against its
   row j, masked to i >= j and rel_i = rel_j before the exp)."""
   k_j = _pick(x.k.astype(f32), j)
@@ -163,14 +186,15 @@ def _column(x: Rows, j: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _diagonal_scores(x: Rows) -> jax.Array:
-  """A_II [16, 16] float32, elementwise: one column per unrolled step."""
+  """A_II [16, 16] float32, elementwise: one column per loop step."""
   col = _col_iota()
   q = x.q.astype(f32)
-  scores = jnp.zeros((BLOCK, BLOCK), f32)
-  for j in range(BLOCK):
+
+  def add_column(j: jax.Array, scores: jax.Array) -> jax.Array:
     k_j, decays = _column(x, j)
-    scores = jnp.where(col == j, jnp.sum(q * k_j[None, :] * decays, axis=1)[:, None], scores)
-  return scores
+    return jnp.where(col == j, jnp.sum(q * k_j[None, :] * decays, axis=1)[:, None], scores)
+
+  return jax.lax.fori_loop(0, BLOCK, add_column, jnp.zeros((BLOCK, BLOCK), f32))
 
 
 def _scores(chunk: Chunk) -> dict[tuple[int, int], jax.Array]:
@@ -226,17 +250,10 @@ def scores_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
 
 def _reach(b: jax.Array, rel: jax.Array | None) -> tuple[jax.Array, jax.Array]:
   """(a, c) [C, K] float32 of one chunk from b [C, K] and rel [C] (module docstring)."""
-  chunk = b.shape[0]
-  row = jax.lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
-  last = row == chunk - 1
-  b_last = jnp.sum(jnp.where(last, b, 0.0), axis=0)
-  incoming = jnp.exp(b)
-  outgoing = jnp.exp(jnp.where(last, 0.0, jnp.minimum(b_last[None, :] - b, 0.0)))
-  if rel is not None:
-    rel_last = jnp.sum(jnp.where(last[:, 0], rel, 0))
-    incoming = jnp.where((rel == 0)[:, None], incoming, 0.0)
-    outgoing = jnp.where((rel == rel_last)[:, None], outgoing, 0.0)
-  return incoming, outgoing
+  last = jax.lax.broadcasted_iota(jnp.int32, (b.shape[0], 1), 0) == b.shape[0] - 1
+  b_end = jnp.sum(jnp.where(last, b, 0.0), axis=0)
+  rel_end = None if rel is None else jnp.sum(jnp.where(last[:, 0], rel, 0))
+  return _incoming(b, rel), _outgoing(b, rel, last, b_end, rel_end)
 
 
 def output_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
@@ -269,10 +286,10 @@ def _diagonal_grads(x: Rows, d_scores: jax.Array) -> tuple[jax.Array, jax.Array,
   """(dq, dk, db) [16, K] float32 of block I through A_II, given dA_II (masked)."""
   col, row = _col_iota(), _row_iota()
   q = x.q.astype(f32)
-  d_q = jnp.zeros(q.shape, f32)
-  d_k = jnp.zeros(q.shape, f32)
-  d_b = jnp.zeros(q.shape, f32)
-  for j in range(BLOCK):
+
+  def add_column(j: jax.Array, grads: tuple[jax.Array, jax.Array, jax.Array]
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    d_q, d_k, d_b = grads
     k_j, decays = _column(x, j)
     weights = jnp.sum(jnp.where(col == j, d_scores, 0.0), axis=1)[:, None] * decays
     d_q += weights * k_j[None, :]
@@ -280,7 +297,10 @@ def _diagonal_grads(x: Rows, d_scores: jax.Array) -> tuple[jax.Array, jax.Array,
     d_k += jnp.where(row == j, jnp.sum(through, axis=0)[None, :], 0.0)
     products = jnp.where(row > j, through * k_j[None, :], 0.0)   # P_ij, i > j only
     d_b += products - jnp.where(row == j, jnp.sum(products, axis=0)[None, :], 0.0)
-  return d_q, d_k, d_b
+    return d_q, d_k, d_b
+
+  zeros = jnp.zeros(q.shape, f32)
+  return jax.lax.fori_loop(0, BLOCK, add_column, (zeros, zeros, zeros))
 
 
 def gradient_pass(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array,
@@ -340,36 +360,35 @@ def key_gradient_pass(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array,
     mm = q_ref.dtype
     c = _load(q_ref, k_ref, b_ref, rel_ref)
     row_block = lambda i: pl.ds(i * BLOCK, BLOCK)
-    d_scores = {(i, j): jnp.zeros((BLOCK, BLOCK), f32)                   # dO V^T
-                for i in range(nb) for j in range(i + 1)}
-    d_q_in = [jnp.zeros((BLOCK, bk), f32) for _ in range(nb)]             # dO S^T
-    d_k_out = [jnp.zeros((BLOCK, bk), f32) for _ in range(nb)]            # V G^T
-    d_decay = jnp.zeros((bk,), f32)                                       # sum_v G o S
-    for p in range(value_dim // bv):
-      cols = pl.ds(p * bv, bv)
-      s_p, g_p = s_ref[:, cols], g_ref[:, cols]
-      do_p = [do_ref[row_block(i), cols] for i in range(nb)]
-      v_p = [v_ref[row_block(i), cols] for i in range(nb)]
-      d_decay += jnp.sum(g_p.astype(f32) * s_p.astype(f32), axis=1)
-      for i in range(nb):
-        d_q_in[i] += dot(do_p[i], s_p, trans_b=True)
-        d_k_out[i] += dot(v_p[i], g_p, trans_b=True)
-        for j in range(i + 1):
-          d_scores[i, j] += dot(do_p[i], v_p[j], trans_b=True)
-    d_q, d_k, d_b = [], [], []
+    pending_q = [jnp.zeros((BLOCK, bk), f32) for _ in range(nb)]   # dq_I from blocks J < I
+    pending_b = [jnp.zeros((BLOCK, bk), f32) for _ in range(nb)]   # db_I from blocks J < I
     ends = jnp.zeros((bk,), f32)                    # sum_{j<C} (K_out o dK_out)_j
-    for i, x in enumerate(c.rows):
-      dq_i, dk_i, db_i = _diagonal_grads(x, _masked(_same(x, x), d_scores[i, i]))
-      d_in = x.incoming * d_q_in[i]                                       # a o dQ_in
-      d_out = x.outgoing * d_k_out[i]                                     # c o dK_out
-      to_end = jnp.where(x.last, 0.0, x.k.astype(f32) * d_out)            # K_out o dK_out
-      ends += jnp.sum(to_end, axis=0)
-      d_q.append(dq_i + d_in)
-      d_k.append(dk_i + d_out)
-      d_b.append(db_i + x.q.astype(f32) * d_in - to_end)
-    last = c.rows[-1].last
-    d_b[-1] += jnp.where(last, (ends + c.decay * d_decay)[None, :], 0.0)
+    # Block column J at a time: its rows' gradients are complete once it is done (the rows
+    # of A_JJ' with J' < J came in earlier steps), so it stores them at once.
     for j, y in enumerate(c.rows):
+      d_q_in = jnp.zeros((BLOCK, bk), f32)                                # dO_J S^T
+      d_k_out = jnp.zeros((BLOCK, bk), f32)                               # V_J G^T
+      d_scores = [jnp.zeros((BLOCK, BLOCK), f32) for _ in range(j, nb)]   # dA_IJ = dO_I V_J^T
+      d_decay = jnp.zeros((bk,), f32)                                     # sum_v G o S
+      for p in range(value_dim // bv):
+        cols = pl.ds(p * bv, bv)
+        v_j, g_p = v_ref[row_block(j), cols], g_ref[:, cols]
+        d_k_out += dot(v_j, g_p, trans_b=True)
+        for i in range(j, nb):
+          d_o_i = do_ref[row_block(i), cols]
+          d_scores[i - j] += dot(d_o_i, v_j, trans_b=True)
+          if i == j:
+            d_q_in += dot(d_o_i, s_ref[:, cols], trans_b=True)
+        if j == nb - 1:
+          d_decay += jnp.sum(g_p.astype(f32) * s_ref[:, cols].astype(f32), axis=1)
+      d_q, d_k, d_b = _diagonal_grads(y, _masked(_same(y, y), d_scores[0]))
+      d_in = y.incoming() * d_q_in                                          # a o dQ_in
+      d_out = y.outgoing() * d_k_out                                        # c o dK_out
+      to_end = jnp.where(y.last, 0.0, y.k.astype(f32) * d_out)            # K_out o dK_out
+      ends += jnp.sum(to_end, axis=0)
+      d_q += d_in + pending_q[j]
+      d_k += d_out
+      d_b += y.q.astype(f32) * d_in - to_end + pending_b[j]
       to_ref = _to_ref(y)
       k_t = y.k.astype(f32) * to_ref
       k_t_mm = k_t.astype(mm)
@@ -378,17 +397,18 @@ def key_gradient_pass(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array,
         x = c.rows[i]
         from_ref = _from_ref(x, y)
         q_t = x.q.astype(f32) * from_ref
-        d_a = _masked(_same(x, y), d_scores[i, j]).astype(mm)
+        d_a = _masked(_same(x, y), d_scores[i - j]).astype(mm)
         d_q_t = dot(d_a, k_t_mm)
-        d_q[i] += d_q_t * from_ref
-        d_b[i] += q_t * d_q_t
+        pending_q[i] += d_q_t * from_ref
+        pending_b[i] += q_t * d_q_t
         d_k_t += dot(d_a, q_t.astype(mm), trans_a=True)
-      d_k[j] += d_k_t * to_ref
-      d_b[j] -= k_t * d_k_t
-    for i in range(nb):
-      dq_ref[row_block(i), :] = d_q[i].astype(dq_ref.dtype)
-      dk_ref[row_block(i), :] = d_k[i].astype(dk_ref.dtype)
-      db_ref[row_block(i), :] = d_b[i]
+      d_k += d_k_t * to_ref
+      d_b -= k_t * d_k_t
+      if j == nb - 1:
+        d_b += jnp.where(y.last, (ends + c.decay * d_decay)[None, :], 0.0)
+      dq_ref[row_block(j), :] = d_q.astype(dq_ref.dtype)
+      dk_ref[row_block(j), :] = d_k.astype(dk_ref.dtype)
+      db_ref[row_block(j), :] = d_b
 
   inputs, in_specs = gradient_operands(q, k, v, b, rel, states, d_states, d_o, key_block=bk)
   key_cols = chunk_spec(chunk, bk, blocked=True)

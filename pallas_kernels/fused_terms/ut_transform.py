@@ -107,12 +107,14 @@ def _invert_diagonal(lower: jax.Array) -> jax.Array:
   """
   row = jax.lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0)
   col = jax.lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1)
-  inverse = jnp.where(row == col, 1.0, 0.0).astype(f32)
-  for j in range(BLOCK - 1):
+
+  def take_column(j: jax.Array, inverse: jax.Array) -> jax.Array:
     done = jnp.sum(jnp.where(row == j, inverse, 0.0), axis=0)         # T_j, [16] over columns
     weights = jnp.sum(jnp.where(col == j, lower, 0.0), axis=1)        # L_:j, [16] over rows
-    inverse = inverse - weights[:, None] * done[None, :]
-  return inverse
+    return inverse - weights[:, None] * done[None, :]
+
+  identity = jnp.where(row == col, 1.0, 0.0).astype(f32)
+  return jax.lax.fori_loop(0, BLOCK - 1, take_column, identity)
 
 
 def _inverse(lower: dict[tuple[int, int], jax.Array], num: int) -> dict[tuple[int, int], jax.Array]:

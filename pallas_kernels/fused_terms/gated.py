@@ -6,16 +6,17 @@
               gives dq, dk, dv and db of every chunk (a value-block kernel for dv,
               a key-block kernel for dq, dk and db).
 
-A scalar gate b [R, N, C] runs `scalar_kernels` (A = (q k^T) o E in one matmul);
-a per-key gate b [R, N, C, K] runs `key_kernels` (A by 16-row blocks in a kernel
-of its own, exact for strong gates). The math is in those modules. Legend: R rows, N chunks, C chunk
-length, K key dim, V value dim.
+A scalar gate b [R, N, C] runs `scalar_kernels` (A = (q k^T) o E in one matmul,
+formed again in every kernel that needs it); a per-key gate b [R, N, C, K] runs
+`key_kernels` (A by 16-row blocks in a kernel of its own, exact for strong gates),
+and A [R, N, C, C] float32 is kept from the forward for the backward (4 C bytes per
+token and head: at C = 64, K = V = 128 a third of q, k, v in bf16). The math is in those
+modules. Legend: R rows, N chunks, C chunk length, K key dim, V value dim.
 """
 
 from __future__ import annotations
 
 import functools
-from types import ModuleType
 
 import jax
 import jax.numpy as jnp
@@ -64,10 +65,6 @@ def check_operands(q: jax.Array, v: jax.Array, b: jax.Array, rel: jax.Array | No
     raise ValueError(f"rel must be int32 {(rows, num, chunk)}, got {rel.dtype} {rel.shape}")
 
 
-def _kernels(b: jax.Array) -> ModuleType:
-  return key_kernels if b.ndim == 4 else scalar_kernels
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _gated(blocks: BlockSizes, interpret: bool, q: jax.Array, k: jax.Array, v: jax.Array,
            b: jax.Array, rel: jax.Array | None,
@@ -81,20 +78,29 @@ def _forward(blocks: BlockSizes, interpret: bool, q: jax.Array, k: jax.Array, v:
   _, k_out, decay = state_operands(q, k, b, rel)
   states, _, final = state_kernels.state_pass(k_out, v, None, decay, initial_state,
                                               blocks=blocks, interpret=interpret)
-  o = _kernels(b).output_pass(q, k, b, rel, states, v, blocks=blocks, interpret=interpret)
-  return (o, final), (q, k, v, b, rel, states)
+  if b.ndim == 3:
+    o = scalar_kernels.output_pass(q, k, b, rel, states, v, blocks=blocks, interpret=interpret)
+    return (o, final), (q, k, v, b, rel, states, None)
+  scores = key_kernels.scores_pass(q, k, b, rel, blocks=blocks, interpret=interpret)
+  o = key_kernels.output_pass(q, k, b, rel, states, v, scores, blocks=blocks,
+                              interpret=interpret)
+  return (o, final), (q, k, v, b, rel, states, scores)
 
 
 def _backward(blocks: BlockSizes, interpret: bool, residuals: tuple,
               grads: tuple[jax.Array, jax.Array]) -> tuple[jax.Array | None, ...]:
-  q, k, v, b, rel, states = residuals
+  q, k, v, b, rel, states, scores = residuals
   d_o, d_final = grads
   d_o = d_o.astype(q.dtype)
   q_in, _, decay = state_operands(q, k, b, rel)
   d_states, _, d_initial = state_kernels.state_grad_pass(
       q_in, None, d_o, None, None, decay, d_final, blocks=blocks, interpret=interpret)
-  d_q, d_k, d_v, d_b = _kernels(b).gradient_pass(q, k, v, b, rel, states, d_states, d_o,
-                                                 blocks=blocks, interpret=interpret)
+  if scores is None:
+    d_q, d_k, d_v, d_b = scalar_kernels.gradient_pass(q, k, v, b, rel, states, d_states, d_o,
+                                                      blocks=blocks, interpret=interpret)
+  else:
+    d_q, d_k, d_v, d_b = key_kernels.gradient_pass(q, k, v, b, rel, states, d_states, d_o,
+                                                   scores, blocks=blocks, interpret=interpret)
   return d_q, d_k, d_v, d_b, None, d_initial
 
 

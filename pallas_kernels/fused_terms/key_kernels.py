@@ -30,7 +30,7 @@ exp(b_ik) exp(-b_jk) across a span that could overflow. The chunk is cut into
 Kernels (each holds [C, C] tiles and one key or value block of [C, K], [C, V] at a time):
   `scores_pass`        A [C, C] float32, summed over key blocks in a loop;
   `output_pass`        o = Q_in S + A W by value blocks, A from `scores_pass`;
-  `gradient_pass`      dv = A^T dO + K_out G by value blocks (A recomputed), then
+  `gradient_pass`      dv = A^T dO + K_out G by value blocks (A kept from the forward), then
   `key_gradient_pass`  dq, dk, db by key blocks (dA recomputed in each), walking the
                        16-row block columns J in order: dA_IJ (I >= J) formed there, and
                        block J's rows stored as soon as they are complete.
@@ -257,12 +257,13 @@ def _reach(b: jax.Array, rel: jax.Array | None) -> tuple[jax.Array, jax.Array]:
 
 
 def output_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
-                states: jax.Array, w: jax.Array, *, blocks: BlockSizes,
+                states: jax.Array, w: jax.Array, scores: jax.Array, *, blocks: BlockSizes,
                 interpret: bool = False) -> jax.Array:
   """o = Q_in S + A W for every (row, chunk): [R, N, C, V] in q's dtype.
 
   q, k: [R,N,C,K] and states S [R,N,K,V], w [R,N,C,V] in the matmul dtype;
-  b: [R,N,C,K] float32; rel: [R,N,C] int32 or None. A from `scores_pass`.
+  b: [R,N,C,K] float32; rel: [R,N,C] int32 or None; scores A [R,N,C,C] float32 from
+  `scores_pass`.
   """
   chunk, key_dim = q.shape[2:]
   docs = rel is not None
@@ -276,7 +277,6 @@ def output_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
     o = dot(q_in, s_ref[...]) + dot(a_ref[...].astype(mm), w_ref[...])
     o_ref[...] = o.astype(o_ref.dtype)
 
-  scores = scores_pass(q, k, b, rel, blocks=blocks, interpret=interpret)
   return value_block_call(kernel, q, k, b, rel, [(states, key_dim), (w, chunk)], q.dtype,
                           whole_chunk=[(scores, chunk_spec(chunk, chunk))], blocks=blocks,
                           interpret=interpret, name="key_gate_outputs")
@@ -305,11 +305,11 @@ def _diagonal_grads(x: Rows, d_scores: jax.Array) -> tuple[jax.Array, jax.Array,
 
 def gradient_pass(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array,
                   rel: jax.Array | None, states: jax.Array, d_states: jax.Array,
-                  d_o: jax.Array, *, blocks: BlockSizes,
+                  d_o: jax.Array, scores: jax.Array, *, blocks: BlockSizes,
                   interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """(dq, dk, dv in the inputs' dtype, db [R,N,C,K] float32) of every chunk.
 
-  dv = A^T dO + K_out G by value blocks (`key_gate_value_gradients`, A recomputed by
+  dv = A^T dO + K_out G by value blocks (`key_gate_value_gradients`, A the forward's
   `scores_pass`); dq, dk and db by key blocks (`key_gradient_pass`).
   states S_n and d_states G_{n+1} = dL/dS_{n+1}: [R,N,K,V] in the matmul dtype;
   d_o [R,N,C,V] in the matmul dtype; the rest as `output_pass`.
@@ -326,7 +326,6 @@ def gradient_pass(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array,
     d_v = dot(a_ref[...].astype(mm), do_ref[...], trans_a=True) + dot(k_out, g_ref[...])
     dv_ref[...] = d_v.astype(dv_ref.dtype)
 
-  scores = scores_pass(q, k, b, rel, blocks=blocks, interpret=interpret)
   d_v = value_block_call(kernel, q, k, b, rel, [(d_o, chunk), (d_states, key_dim)], v.dtype,
                          whole_chunk=[(scores, chunk_spec(chunk, chunk))], blocks=blocks,
                          interpret=interpret, name="key_gate_value_gradients")

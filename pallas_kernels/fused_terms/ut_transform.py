@@ -244,10 +244,11 @@ def _backward_call(num_warps: int, interpret: bool, k: jax.Array, p: jax.Array, 
                                 dk = G^T p by key blocks (dX_P = T^T dW_k recomputed).
   """
   inputs, in_specs = _chunk_operands(k, p, v, beta, strength, cum, rel)
-  d_v, d_beta, reach, d_lower = _backward_columns(num_warps, interpret, inputs, in_specs,
+  docs = rel is not None
+  d_v, d_beta, reach, d_lower = _backward_columns(num_warps, interpret, docs, inputs, in_specs,
                                                   inverse, u, w, d_u, d_w)
-  d_k, d_p, d_s, d_cum = _backward_keys(num_warps, interpret, inputs, in_specs, inverse, d_w,
-                                        reach, d_lower)
+  d_k, d_p, d_s, d_cum = _backward_keys(num_warps, interpret, docs, inputs, in_specs, inverse,
+                                        d_w, reach, d_lower)
   return d_k, d_p, d_v, d_beta, d_s, d_cum
 
 
@@ -274,15 +275,15 @@ def _chunk_terms(s_ref: Any, cum_ref: Any,
   return s_ref[...][:, None], incoming[:, None], decays
 
 
-def _backward_columns(num_warps: int, interpret: bool, inputs: list[jax.Array],
+def _backward_columns(num_warps: int, interpret: bool, docs: bool, inputs: list[jax.Array],
                       in_specs: list[pl.BlockSpec], inverse: jax.Array, u: jax.Array,
                       w: jax.Array, d_u: jax.Array,
                       d_w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """(dv, dbeta, reach = dX_P . p [R,N,C], dL [R,N,C,C] float32) of every chunk."""
+  """(dv, dbeta, reach = dX_P . p [R,N,C], dL [R,N,C,C] float32) of every chunk; `inputs`,
+  `in_specs` from `_chunk_operands` (with rel when `docs`)."""
   k, _, v = inputs[:3]
   rows, num, chunk, key_dim = k.shape
   value_dim = v.shape[-1]
-  docs = len(inputs) == 7
 
   def kernel(*refs: Any) -> None:
     _, p_ref, v_ref, beta_ref, _, _, *rest = refs
@@ -321,13 +322,13 @@ def _backward_columns(num_warps: int, interpret: bool, inputs: list[jax.Array],
   )(*inputs, inverse, u, w, d_u, d_w))
 
 
-def _backward_keys(num_warps: int, interpret: bool, inputs: list[jax.Array],
+def _backward_keys(num_warps: int, interpret: bool, docs: bool, inputs: list[jax.Array],
                    in_specs: list[pl.BlockSpec], inverse: jax.Array, d_w: jax.Array,
                    reach: jax.Array, d_lower: jax.Array) -> tuple[jax.Array, ...]:
-  """(dk, dp, dstrength, dcum) of every chunk, from dL and dX_P . p (`_backward_columns`)."""
+  """(dk, dp, dstrength, dcum) of every chunk, from dL and dX_P . p (`_backward_columns`);
+  `docs`, `inputs` and `in_specs` as there."""
   k = inputs[0]
   rows, num, chunk, key_dim = k.shape
-  docs = len(inputs) == 7
 
   def kernel(*refs: Any) -> None:
     k_ref, p_ref, _, _, s_ref, cum_ref, *rest = refs

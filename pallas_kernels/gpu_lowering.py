@@ -81,7 +81,7 @@ def _recording_triton_modules() -> Iterator[list[str]]:
     registration.lowering.lower_jaxpr_to_triton_module = lower
 
 
-OP_FAMILIES = ("gated", "gated-per-key", "delta")
+OP_FAMILIES = ("gated", "gated-per-key", "rwkv6", "delta")
 
 
 def op_gradient(family: str, key_dim: int, value_dim: int, dtype: Any, time_: int,
@@ -89,27 +89,29 @@ def op_gradient(family: str, key_dim: int, value_dim: int, dtype: Any, time_: in
   """(fn, args): the jitted value_and_grad of a loss of one op with impl="pallas" and
   `options` (a `dispatch.KernelOptions`), and its abstract arguments (batch 1, 2 heads), to
   lower every kernel of the forward and backward pass. family: "gated" (scalar gate),
-  "gated-per-key" or "delta" (Gated DeltaNet)."""
+  "gated-per-key", "rwkv6" (per-key gate and the bonus) or "delta" (Gated DeltaNet)."""
   from jaxlin.ops import delta_rule, gated_linear_attention  # pylint: disable=import-outside-toplevel
   if family not in OP_FAMILIES:
     raise ValueError(f"family={family!r}: expected one of {OP_FAMILIES}")
   ids = lambda seg: seg if documents else None
 
-  def loss(q, k, v, g, beta, seg):
+  def loss(q, k, v, g, beta, seg, bonus):
     if family == "delta":
       o, final = delta_rule(q, k, v, beta, g, segment_ids=ids(seg), impl="pallas",
                             kernel=options, output_final_state=True)
     else:
       o, final = gated_linear_attention(q, k, v, g, segment_ids=ids(seg), impl="pallas",
+                                        bonus=bonus if family == "rwkv6" else None,
                                         kernel=options, output_final_state=True)
     return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(final)
 
   spec = lambda *shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt)
   scalar = spec(1, time_, 2, dt=jnp.float32)
-  gate = spec(1, time_, 2, key_dim, dt=jnp.float32) if family == "gated-per-key" else scalar
+  per_key = family in ("gated-per-key", "rwkv6")
+  gate = spec(1, time_, 2, key_dim, dt=jnp.float32) if per_key else scalar
   args = (spec(1, time_, 2, key_dim), spec(1, time_, 2, key_dim), spec(1, time_, 2, value_dim),
-          gate, scalar, spec(1, time_, dt=jnp.int32))
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))), args
+          gate, scalar, spec(1, time_, dt=jnp.int32), spec(2, key_dim, dt=jnp.float32))
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 6))), args
 
 
 _FUNC_NAME = re.compile(r"tt\.func public @(\w+)")

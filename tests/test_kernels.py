@@ -70,8 +70,10 @@ def test_chunk_recurrence_matches_scan(platform: str, with_w_k: bool) -> None:
 # ------------------------------------------------------------------------------- the ops
 G_CASES = {
     "bla-segments": dict(gate=None, segments=True, initial_state=True),
+    # On GPU (as every G case): the in-chunk terms formed in the kernels; the bonus through
+    # the queries one token ahead (pallas_kernels.gated._fused_terms_with_bonus).
     "scalar-bonus": dict(gate="scalar", bonus=True, initial_state=True),
-    # On GPU (as every G case without a bonus): the in-chunk terms formed in the kernels.
+    "vector-bonus-segments": dict(gate="vector", bonus=True, segments=True, initial_state=True),
     "scalar-segments-strong": dict(gate="scalar", gate_strength="strong", segments=True,
                                    initial_state=True),
     "vector-segments": dict(gate="vector", segments=True, initial_state=True),
@@ -161,31 +163,31 @@ def test_support_predicate() -> None:
       16, 16, 32, 64, 64, 64, 64, 64]
 
 
-def test_fused_terms_kernels_are_chosen_on_gpu_without_bonus() -> None:
-  """`pallas_kernels.fused_terms` takes GPU calls with K <= 128: every G call without the
-  RWKV6 bonus, every D call."""
+def test_fused_terms_kernels_are_chosen_on_gpu() -> None:
+  """`pallas_kernels.fused_terms` takes GPU calls with K <= 128: every G call (the RWKV6
+  bonus included), every D call."""
   from pallas_kernels import delta as delta_kernels  # pylint: disable=import-outside-toplevel
   from pallas_kernels import gated as gated_kernels  # pylint: disable=import-outside-toplevel
-  bonus = jnp.zeros((2, 64))
-  assert gated_kernels.uses_fused_terms("gpu", None, 128)
-  assert not gated_kernels.uses_fused_terms("gpu", None, 256)
-  assert not gated_kernels.uses_fused_terms("gpu", bonus, 64)
-  assert not gated_kernels.uses_fused_terms("tpu", None, 64)
+  assert gated_kernels.uses_fused_terms("gpu", 128)
+  assert not gated_kernels.uses_fused_terms("gpu", 256)
+  assert not gated_kernels.uses_fused_terms("tpu", 64)
   assert delta_kernels.uses_fused_terms("gpu", 128)
   assert not delta_kernels.uses_fused_terms("gpu", 256)
   assert not delta_kernels.uses_fused_terms("tpu", 64)
 
 
-@pytest.mark.parametrize("family", [G, D])
-def test_fused_terms_option_selects_the_generic_path(family: str,
+@pytest.mark.parametrize("family,bonus", [(G, False), (G, True), (D, False)],
+                         ids=["G", "G-bonus", "D"])
+def test_fused_terms_option_selects_the_generic_path(family: str, bonus: bool,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
   """KernelOptions(fused_terms=False) runs the XLA-terms path on GPU; both give the same
-  answer."""
+  answer (with the RWKV6 bonus too: the fused path shifts the queries)."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   from pallas_kernels import delta as delta_kernels  # pylint: disable=import-outside-toplevel
   from pallas_kernels import gated as gated_kernels  # pylint: disable=import-outside-toplevel
-  d = h.make_inputs(family, B=1, T=40, H=2, **DIMS["gpu"], gate="scalar", segments=True,
-                    initial_state=True, seed=7)
+  extra = dict(bonus=True, gate="vector") if bonus else dict(gate="scalar")
+  d = h.make_inputs(family, B=1, T=40, H=2, **DIMS["gpu"], segments=True, initial_state=True,
+                    seed=7, **extra)
   fused = _options("gpu")
   module, name = ((gated_kernels, "gated_chunks") if family == G
                   else (delta_kernels, "delta_chunks"))

@@ -108,34 +108,35 @@ FUSED_FAMILIES = ("gated", "gated-per-key", "delta")   # scalar gate, per-key ga
 
 def _fused_terms_configs() -> list:
   """(family, K, V, dtype, segments, T) of the `fused_terms` kernels: a representative set
-  by default (smaller for the per-key kernels, whose unrolled blocks lower slowly), the
-  rest of K x V x dtype x documents marked slow."""
+  by default, the rest of K x V x dtype x documents marked slow."""
   fast = {(k, v, jnp.bfloat16, True) for k, v in ((16, 256), (64, 64), (128, 128))}
   fast |= {(64, 64, jnp.float16, False), (64, 64, jnp.float32, True)}
-  fast_per_key = {(128, 128, jnp.bfloat16, True), (64, 64, jnp.float32, True)}
   every = [(k, v, jnp.bfloat16, True) for k in dispatch.GPU_DIMS if k <= 128
            for v in dispatch.GPU_DIMS]
   every += [(64, 64, dt, seg) for dt in (jnp.float16, jnp.float32) for seg in (False, True)]
   configs = []
   for family in FUSED_FAMILIES:
     for k, v, dt, seg in every:
-      chosen = fast_per_key if family == "gated-per-key" else fast
-      marks = () if (k, v, dt, seg) in chosen else (pytest.mark.slow,)
+      marks = () if (k, v, dt, seg) in fast else (pytest.mark.slow,)
       configs.append(pytest.param(family, k, v, dt, seg, 100, marks=marks,
                                   id=f"{family}-K{k}-V{v}-{jnp.dtype(dt).name}-"
                                      f"{'docs' if seg else 'nodocs'}"))
     for t in (20, 40):     # chunks of 16 and 32
-      marks = (pytest.mark.slow,) if family == "gated-per-key" and t == 40 else ()
-      configs.append(pytest.param(family, 64, 64, jnp.bfloat16, False, t, marks=marks,
+      configs.append(pytest.param(family, 64, 64, jnp.bfloat16, False, t,
                                   id=f"{family}-K64-V64-bfloat16-T{t}"))
+  # RWKV6: the per-key kernels (covered above) fed the queries one token ahead, in XLA
+  configs.append(pytest.param("rwkv6", 128, 128, jnp.bfloat16, True, 100,
+                              id="rwkv6-K128-V128-bfloat16-docs"))
   return configs
 
 
 FUSED_TERMS_KERNELS = {
     "gated": ("chunk_state_fwd", "scalar_gate_outputs", "chunk_state_bwd",
               "scalar_gate_gradients", "scalar_gate_value_gradients"),
-    "gated-per-key": ("chunk_state_fwd", "key_gate_outputs", "chunk_state_bwd",
-                      "key_gate_gradients"),
+    "gated-per-key": ("chunk_state_fwd", "key_gate_scores", "key_gate_outputs",
+                      "chunk_state_bwd", "key_gate_value_gradients", "key_gate_gradients"),
+    "rwkv6": ("chunk_state_fwd", "key_gate_scores", "key_gate_outputs", "chunk_state_bwd",
+              "key_gate_value_gradients", "key_gate_gradients"),
     "delta": ("ut_transform_fwd", "chunk_state_fwd", "scalar_gate_outputs",
               "scalar_gate_value_gradients", "chunk_state_bwd", "scalar_gate_gradients",
               "ut_transform_bwd_columns", "ut_transform_bwd_keys"),

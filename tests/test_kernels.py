@@ -164,12 +164,12 @@ def test_support_predicate() -> None:
 
 
 def test_fused_terms_kernels_are_chosen_on_gpu() -> None:
-  """`pallas_kernels.fused_terms` takes GPU calls with K <= 128: every G call (the RWKV6
-  bonus included), every D call."""
+  """`pallas_kernels.fused_terms` takes every G call on GPU (the RWKV6 bonus and K = 256
+  included) and the D calls with K <= 128."""
   from pallas_kernels import delta as delta_kernels  # pylint: disable=import-outside-toplevel
   from pallas_kernels import gated as gated_kernels  # pylint: disable=import-outside-toplevel
   assert gated_kernels.uses_fused_terms("gpu", 128)
-  assert not gated_kernels.uses_fused_terms("gpu", 256)
+  assert gated_kernels.uses_fused_terms("gpu", 256)
   assert not gated_kernels.uses_fused_terms("tpu", 64)
   assert delta_kernels.uses_fused_terms("gpu", 128)
   assert not delta_kernels.uses_fused_terms("gpu", 256)
@@ -202,6 +202,18 @@ def test_fused_terms_option_selects_the_generic_path(family: str, bonus: bool,
   assert calls
   for a, e in zip(got, want):
     h.assert_close(a, e, rtol=h.XLA_RTOL, atol_rel=h.XLA_ATOL_REL, name="fused_terms option")
+
+
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+def test_fused_terms_at_the_largest_key_dim(gate: str) -> None:
+  """G calls with K = 256 (four key blocks of the default block_k = 64) through the fused
+  GPU kernels, against the reference: o, final state, every gradient."""
+  d = h.make_inputs(G, B=1, T=40, H=2, K=256, V=32, gate=gate, segments=True,
+                    initial_state=True, seed=11)
+  options = KernelOptions(platform="gpu", interpret=dispatch.backend_platform() != "gpu")
+  got = h.run_with_grads(G, "pallas", d, kernel=options)
+  want = h.run_with_grads(G, "reference", d)
+  h.assert_all_close(got, want, rtol=h.XLA_RTOL, atol_rel=h.XLA_ATOL_REL, ctx=f"K=256 {gate}")
 
 
 def test_block_sizes_are_checked() -> None:

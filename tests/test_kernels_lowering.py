@@ -6,7 +6,8 @@ shapes a backend rejects and primitives it cannot lower. It does not check VMEM 
 sizes or run anything. Lowered: the forward and the backward kernel (the gradient of a loss).
 Selectable: K, V in `dispatch.GPU_DIMS` / `dispatch.TPU_DIMS`, bf16 / f16 / f32 inputs, with and
 without the delta rule's W_k, at the kernel chunk lengths 16, 32 and 64; and the GPU
-`pallas_kernels.fused_terms` kernels through both ops for K <= 128 (scalar and per-key gates).
+`pallas_kernels.fused_terms` kernels through both ops (scalar and per-key gates, the delta
+rule with K <= 128).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 
 import _helpers as h
 
+from pallas_kernels import delta as delta_kernels
 from pallas_kernels import dispatch, gpu_lowering
 from pallas_kernels.chunk_recurrence import BlockSizes, chunk_recurrence
 
@@ -109,14 +111,15 @@ FUSED_FAMILIES = ("gated", "gated-per-key", "delta")   # scalar gate, per-key ga
 def _fused_terms_configs() -> list:
   """(family, K, V, dtype, segments, T) of the `fused_terms` kernels: a representative set
   by default, the rest of K x V x dtype x documents marked slow."""
-  fast = {(k, v, jnp.bfloat16, True) for k, v in ((16, 256), (64, 64), (128, 128))}
+  fast = {(k, v, jnp.bfloat16, True) for k, v in ((16, 256), (64, 64), (128, 128), (256, 64))}
   fast |= {(64, 64, jnp.float16, False), (64, 64, jnp.float32, True)}
-  every = [(k, v, jnp.bfloat16, True) for k in dispatch.GPU_DIMS if k <= 128
-           for v in dispatch.GPU_DIMS]
+  every = [(k, v, jnp.bfloat16, True) for k in dispatch.GPU_DIMS for v in dispatch.GPU_DIMS]
   every += [(64, 64, dt, seg) for dt in (jnp.float16, jnp.float32) for seg in (False, True)]
   configs = []
   for family in FUSED_FAMILIES:
     for k, v, dt, seg in every:
+      if family == "delta" and k > delta_kernels.FUSED_TERMS_MAX_K:
+        continue
       marks = () if (k, v, dt, seg) in fast else (pytest.mark.slow,)
       configs.append(pytest.param(family, k, v, dt, seg, 100, marks=marks,
                                   id=f"{family}-K{k}-V{v}-{jnp.dtype(dt).name}-"

@@ -20,10 +20,14 @@ from jaxlin.ops import delta
 from pallas_kernels import dispatch
 from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
 from pallas_kernels.chunk_recurrence.terms import run_terms
-from pallas_kernels.gated import FUSED_TERMS_MAX_K
 from pallas_kernels.fused_terms.delta import delta_chunks
 from pallas_kernels.fused_terms.layout import RowLayout
 from pallas_kernels.fused_terms.ut_transform import ut_transform
+
+
+# At K = 256 the fused UT transform spills (Triton 3.9, sm_90: ut_transform_fwd 216 B per
+# thread; benchmarks/kernel_resources.py --K 256), so that call keeps the XLA UT transform.
+FUSED_TERMS_MAX_K = 128
 
 
 def supports(platform: str, key_dim: int, value_dim: int, dtype: jnp.dtype) -> bool:

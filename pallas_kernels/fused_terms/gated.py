@@ -28,7 +28,7 @@ from pallas_kernels.fused_terms.state_operands import state_operands
 
 f32 = jnp.float32
 CHUNKS = (16, 32, 64)      # chunk lengths the kernels take
-KEY_RANGE = (16, 128)      # K: a power of two in this range
+KEY_RANGE = (16, 256)      # K: a power of two in this range
 VALUE_RANGE = (16, 256)    # V: a power of two in this range
 
 
@@ -41,7 +41,7 @@ def gated_chunks(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array,
   (scalar gate) or [R,N,C,K] (per-key gate) float32 plain in-chunk inclusive
   cumulative log gates, non-increasing down the chunk; rel: [R,N,C] int32
   documents started in the chunk (None: one document); initial_state [R,K,V]
-  float32. C in {16, 32, 64}; K a power of two in [16, 128], V in [16, 256].
+  float32. C in {16, 32, 64}; K and V powers of two in [16, 256].
   Differentiable in q, k, v, b and initial_state.
   """
   check_operands(q, v, b, rel)

@@ -209,12 +209,9 @@ def key_gradient_pass(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array,
     mm = q_ref.dtype
     dec = chunk_decays(b_ref[...], _rel(rel_ref))
     qv, kv = q_ref[...], k_ref[...]                                     # [C, bk]
-    d_scores = jnp.zeros((chunk, chunk), f32)
-    d_q_in = jnp.zeros((chunk, bk), f32)                                # dO S^T
-    d_k_out = jnp.zeros((chunk, bk), f32)                               # W G^T
-    d_w_k = jnp.zeros((chunk, bk), f32)                                 # dW S^T
-    d_decay = jnp.zeros((), f32)                                        # sum(G o S)
-    for p in range(value_dim // bv):
+
+    def add_value_block(p: jax.Array, acc: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+      d_scores, d_q_in, d_k_out, d_w_k, d_decay = acc
       cols = pl.ds(p * bv, bv)
       do_p, w_p, s_p, g_p = do_ref[:, cols], w_ref[:, cols], s_ref[:, cols], g_ref[:, cols]
       d_scores += dot(do_p, w_p, trans_b=True)
@@ -223,6 +220,13 @@ def key_gradient_pass(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array,
       d_decay += jnp.sum(g_p.astype(f32) * s_p.astype(f32))
       if delta:
         d_w_k += dot(dw_ref[:, cols].astype(mm), s_p, trans_b=True)
+      return d_scores, d_q_in, d_k_out, d_w_k, d_decay
+
+    keys = jnp.zeros((chunk, bk), f32)
+    # dO W^T, dO S^T, W G^T, dW S^T (the delta rule), sum(G o S): summed over value blocks
+    d_scores, d_q_in, d_k_out, d_w_k, d_decay = jax.lax.fori_loop(
+        0, value_dim // bv, add_value_block,
+        (jnp.zeros((chunk, chunk), f32), keys, keys, keys, jnp.zeros((), f32)))
     if delta:
       dwk_ref[...] = (-d_w_k).astype(dwk_ref.dtype)
     d_pairs = (d_scores * dec.pairs).astype(mm)                         # dA o E

@@ -1,10 +1,10 @@
 """Pallas path of `jaxlin.ops.gated_linear_attention` (the G family).
 
-On GPU, every gate kind with K <= 128 runs the kernels of
+On GPU, every gate kind and every K runs the kernels of
 `pallas_kernels.fused_terms`, which form the in-chunk terms themselves (exactly,
 by 16-token blocks, for strong per-key gates). The RWKV6 bonus runs them too,
-through a shift of the queries (`_fused_terms_with_bonus`). Every other call
-(K = 256, TPU) forms the in-chunk terms in XLA with
+through a shift of the queries (`_fused_terms_with_bonus`). On TPU (and with
+`KernelOptions(fused_terms=False)`) the call forms the in-chunk terms in XLA with
 `jaxlin.ops.gated.chunk_terms`, and the chunk-recurrence kernel runs the
 inter-chunk recurrence with the state on chip and writes the outputs.
 """
@@ -23,7 +23,7 @@ from pallas_kernels.chunk_recurrence.terms import run_terms
 from pallas_kernels.fused_terms import gated_chunks
 from pallas_kernels.fused_terms.layout import RowLayout
 
-FUSED_TERMS_MAX_K = 128   # the fused gradient kernels hold [C, K] float32 accumulators
+FUSED_TERMS_MAX_K = 256   # every GPU K: the gradient kernels work by key blocks of block_k
 f32 = jnp.float32
 
 

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                       help="BlockSizes.chunk_warps values (default: the platform default)")
   parser.add_argument("--block-k", type=int, default=None,
                       help="BlockSizes.block_k (default: the platform default)")
+  parser.add_argument("--block-v", type=int, default=None,
+                      help="BlockSizes.block_v (default: the platform default)")
   parser.add_argument("--fused-terms", choices=("true", "false"), default="true",
                       help="KernelOptions.fused_terms")
   parser.add_argument("--out", default="benchmarks/results/kernel_resources.json")
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         blocks = dataclasses.replace(blocks, chunk_warps=chunk_warps)
       if args.block_k is not None:
         blocks = dataclasses.replace(blocks, block_k=args.block_k)
+      if args.block_v is not None:
+        blocks = dataclasses.replace(blocks, block_v=args.block_v)
       options = KernelOptions(platform="gpu", block_sizes=blocks,
                               fused_terms=args.fused_terms == "true")
       fn, fn_args = op_gradient(FAMILIES[case], args.K, args.V, dtype, args.T, args.documents,

@@ -224,6 +224,8 @@ def test_block_sizes_are_checked() -> None:
   with pytest.raises(ValueError, match="must divide"):
     BlockSizes(block_v=64).check("gpu", 96)
   assert BlockSizes.default("gpu", 256, 128) == BlockSizes(block_v=64, block_k=64, num_warps=8)
+  assert BlockSizes.default("gpu", 256, 128, delta=True) == BlockSizes(block_v=32, block_k=64,
+                                                                       num_warps=8)
   assert BlockSizes.default("gpu", 128, 128) == BlockSizes(block_v=64, block_k=64, num_warps=4)
   with pytest.raises(ValueError, match="block_k"):
     BlockSizes(block_v=64, block_k=24).check("gpu", 64)

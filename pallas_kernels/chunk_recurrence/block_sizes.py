@@ -41,17 +41,20 @@ class BlockSizes:
   @classmethod
   def default(cls, platform: str, key_dim: int, value_dim: int,
               delta: bool = False) -> "BlockSizes":
-    """The defaults: on GPU [64, 64] state blocks (the delta rule takes all of K), 8 warps
-    for the delta rule or K = 256; on TPU all of V up to 256.
+    """The defaults: on GPU [64, 64] state blocks (the delta rule takes all of K, and at
+    K = 256 32 value columns), 8 warps for the delta rule or K = 256; on TPU all of V up
+    to 256.
 
     Measured on an H100 (B=4 T=8192 H=16 K=V=128 bf16, `benchmarks/kernels.py --block-v 64 128
     --block-k 64 128 --num-warps 4 8`): simple GLA forward+backward stayed within 4.18-4.47 ms
     over the eight settings (the state kernels are not the bottleneck); the delta rule's 8 warps
-    come from the earlier fused kernel (12.57 ms at 8 warps against 14.39 ms at 4).
+    come from the earlier fused kernel (12.57 ms at 8 warps against 14.39 ms at 4). The delta
+    rule's [256, 64] float32 state block spills (Triton 3.9, sm_90: 56 B per thread forward,
+    296 B backward; `benchmarks/kernel_resources.py --K 256 --block-v 64`); [256, 32] does not.
     """
     if platform == "tpu":
       return cls(block_v=value_dim if value_dim <= 256 else 256)
-    block_v = min(value_dim, 64)
+    block_v = min(value_dim, 32 if delta and key_dim >= 256 else 64)
     return cls(block_v=block_v, block_k=64,
                num_warps=8 if (delta or key_dim >= 256) else 4)
 

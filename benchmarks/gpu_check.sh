@@ -3,7 +3,7 @@
 #
 # Usage (from the repo root, on the GPU host; fla-core's wheel in .whl/ if you want fla rows):
 #   bash benchmarks/gpu_check.sh [quick|full]
-# quick (default, ~8 min): kernel tests on the GPU, kernels.py at T=8192 for simple GLA, GLA and
+# quick (default, ~8 min): kernel tests on the GPU, kernels.py at T=8192 for simple GLA, GLA, RWKV6 and
 #   Gated DeltaNet (pallas, pallas-terms, fla), kernel_breakdown.py at T=8192.
 # full: also T=2048, xla, and a warps sweep of the fused-terms kernels.
 # Every step has its own time limit and the script goes on after a failure; JSON results land in

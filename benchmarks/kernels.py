@@ -8,18 +8,20 @@ Usage:
 Cases, on the same inputs (keys L2-normalised; gates log-sigmoid of N(3, 1) scaled like GLA):
   simple_gla        G family, scalar gate [B,T,H]           fla: chunk_simple_gla
   gla               G family, per-key gate [B,T,H,K]        fla: chunk_gla
+  rwkv6             gla plus the RWKV6 bonus u [H,K]         fla: chunk_rwkv6
   gated_deltanet    D family, scalar gate, beta [B,T,H]     fla: chunk_gated_delta_rule
 each with jaxlin impl "pallas" (the kernel for this backend), "pallas-terms" (on GPU: the
 in-chunk terms in XLA and the generic kernels instead of `pallas_kernels.fused_terms`,
 i.e. `KernelOptions(fused_terms=False)`) and "xla", and fla when the `fla`
 package (fla-core) and torch with CUDA are importable. "forward" times the op alone,
-"forward+backward" the gradient of sum(o * do) with respect to every input (q, k, v, g, beta).
+"forward+backward" the gradient of sum(o * do) with respect to every input (q, k, v, g, beta, u).
 
 Timing: every function compiled first, one warm-up call, then the median over --runs calls
 (`block_until_ready` for JAX; CUDA events after `torch.cuda.synchronize` for torch).
 TFLOP/s counts a model FLOP figure, the same for every impl: per token and head, forward
-F = 4KV + 2C(K+V) for G (C = 64) and F + 2KV + 4CK + 2CV for D (the W_k S product, the
-removal scores and the UT solve applied to [V | K]); forward+backward = 3F. Ratios
+F = 4KV + 2C(K+V) for G (C = 64), F + 2(K+V) for RWKV6 (the bonus term (q o u).k v) and
+F + 2KV + 4CK + 2CV for D (the W_k S product, the removal scores and the UT solve applied to
+[V | K]); forward+backward = 3F. Ratios
 (xla / pallas, fla / pallas) are taken inside one run, so they survive a noisy machine.
 Results are printed and written as JSON after every case.
 """
@@ -47,7 +49,8 @@ from jaxlin.ops import delta_rule, gated_linear_attention  # noqa: E402
 from pallas_kernels.chunk_recurrence import BlockSizes  # noqa: E402
 from pallas_kernels.dispatch import KernelOptions  # noqa: E402
 
-CASES = ("simple_gla", "gla", "gated_deltanet")
+CASES = ("simple_gla", "gla", "rwkv6", "gated_deltanet")
+PER_KEY_GATE = ("gla", "rwkv6")
 CHUNK = 64
 
 
@@ -60,9 +63,12 @@ def make_inputs(case: str, batch: int, time_: int, heads: int, key_dim: int, val
   log_sigmoid = lambda x: -np.logaddexp(0.0, -x)
   d = {"q": normal(batch, time_, heads, key_dim), "k": unit(normal(batch, time_, heads, key_dim)),
        "v": normal(batch, time_, heads, value_dim)}
-  gate_shape = (batch, time_, heads, key_dim) if case == "gla" else (batch, time_, heads)
-  d["g"] = (log_sigmoid(3.0 + normal(*gate_shape)) / (16.0 if case == "gla" else 1.0)).astype(
+  per_key = case in PER_KEY_GATE
+  gate_shape = (batch, time_, heads, key_dim) if per_key else (batch, time_, heads)
+  d["g"] = (log_sigmoid(3.0 + normal(*gate_shape)) / (16.0 if per_key else 1.0)).astype(
       np.float32)
+  if case == "rwkv6":
+    d["u"] = 0.5 * normal(heads, key_dim)
   if case == "gated_deltanet":
     d["beta"] = (1.0 / (1.0 + np.exp(-normal(batch, time_, heads)))).astype(np.float32)
   d["do"] = normal(batch, time_, heads, value_dim)
@@ -73,6 +79,8 @@ def model_flops(case: str, batch: int, time_: int, heads: int, key_dim: int,
                 value_dim: int) -> float:
   """Forward model FLOPs (module docstring)."""
   per_token = 4 * key_dim * value_dim + 2 * CHUNK * (key_dim + value_dim)
+  if case == "rwkv6":
+    per_token += 2 * (key_dim + value_dim)
   if case == "gated_deltanet":
     per_token += 2 * key_dim * value_dim + 4 * CHUNK * key_dim + 2 * CHUNK * value_dim
   return float(batch * time_ * heads * per_token)
@@ -83,7 +91,8 @@ def jax_fns(case: str, impl: str, kernel: KernelOptions | None) -> tuple[Callabl
   def op(x: dict[str, jax.Array]) -> jax.Array:
     if case == "gated_deltanet":
       return delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], impl=impl, kernel=kernel)[0]
-    return gated_linear_attention(x["q"], x["k"], x["v"], x["g"], impl=impl, kernel=kernel)[0]
+    return gated_linear_attention(x["q"], x["k"], x["v"], x["g"], bonus=x.get("u"), impl=impl,
+                                  kernel=kernel)[0]
 
   def loss(x: dict[str, jax.Array], do: jax.Array) -> jax.Array:
     return jnp.sum(op(x).astype(jnp.float32) * do)
@@ -115,22 +124,25 @@ def fla_available() -> bool:
 
 
 def time_fla(case: str, inputs: dict[str, np.ndarray], runs: int) -> dict[str, float]:
-  """fla's Triton kernels on the same inputs (bf16 q, k, v; float32 gates)."""
+  """fla's Triton kernels on the same inputs (bf16 q, k, v; float32 gates and u)."""
   import torch  # pylint: disable=import-outside-toplevel
   from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # pylint: disable=import-outside-toplevel
   from fla.ops.gla import chunk_gla  # pylint: disable=import-outside-toplevel
+  from fla.ops.rwkv6 import chunk_rwkv6  # pylint: disable=import-outside-toplevel
   from fla.ops.simple_gla import chunk_simple_gla  # pylint: disable=import-outside-toplevel
 
   dev = torch.device("cuda")
   t = {n: torch.from_numpy(a).to(dev) for n, a in inputs.items()}
   for n in ("q", "k", "v"):
     t[n] = t[n].to(torch.bfloat16)
-  leaves = [n for n in ("q", "k", "v", "g", "beta") if n in t]
+  leaves = [n for n in ("q", "k", "v", "g", "beta", "u") if n in t]
 
   def run(backward: bool) -> None:
     xs = {n: t[n].detach().requires_grad_(backward) for n in leaves}
     if case == "gla":
       o, _ = chunk_gla(xs["q"], xs["k"], xs["v"], xs["g"])
+    elif case == "rwkv6":
+      o, _ = chunk_rwkv6(xs["q"], xs["k"], xs["v"], xs["g"], xs["u"])
     elif case == "simple_gla":
       o, _ = chunk_simple_gla(xs["q"], xs["k"], xs["v"], xs["g"])
     else:

@@ -107,12 +107,18 @@ def test_pallas_matches_reference(platform: str, family: str, name: str, case: d
   h.assert_all_close(got, want, rtol=h.XLA_RTOL, atol_rel=h.XLA_ATOL_REL, ctx=f"{platform} {name}")
 
 
+BF16_CASES = {"G": (G, dict(gate="scalar")), "D": (D, dict(gate="scalar")),
+              # RWKV6 on GPU: the bonus is added to the bf16 kernel output (two roundings)
+              "G-vector-bonus-segments": (G, dict(gate="vector", bonus=True, segments=True))}
+
+
 @pytest.mark.parametrize("platform", PLATFORMS)
-@pytest.mark.parametrize("family", [G, D])
-def test_pallas_bf16_inputs(platform: str, family: str) -> None:
+@pytest.mark.parametrize("case", list(BF16_CASES))
+def test_pallas_bf16_inputs(platform: str, case: str) -> None:
   """bf16 inputs (bf16 matmul operands in the kernel) vs float32 on the same rounded values."""
-  d = h.make_inputs(family, B=1, T=40, H=2, **DIMS[platform], gate="scalar", initial_state=True,
-                    seed=5)
+  family, extra = BF16_CASES[case]
+  d = h.make_inputs(family, B=1, T=40, H=2, **DIMS[platform], initial_state=True, seed=5,
+                    **extra)
   d16 = {n: (None if x is None else x if n == "segment_ids" else
              np.asarray(jnp.asarray(x, jnp.bfloat16)))
          for n, x in d.items()}

@@ -2,7 +2,9 @@
 # One call on a lent GPU machine: the GPU kernel tests natively, then the kernel benchmarks.
 #
 # Usage (from the repo root, on the GPU host; fla-core's wheel in .whl/ if you want fla rows):
-#   bash benchmarks/gpu_check.sh [quick|full]
+#   bash benchmarks/gpu_check.sh [quick|tests|bench|full]
+# tests / bench: only the first step / only the benchmarks of quick (the steps' limits add up to
+#   more than one 600 s device call, so split them there: `tests` in one call, `bench` in the next).
 # quick (default, ~8 min): kernel tests on the GPU, kernels.py at T=8192 for simple GLA, GLA, RWKV6 and
 #   Gated DeltaNet (pallas, pallas-terms, fla), kernel_breakdown.py at T=8192.
 # full: also T=2048, xla, and a warps sweep of the fused-terms kernels.
@@ -11,6 +13,10 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mode=${1:-quick}
+case $mode in
+  quick|tests|bench|full) ;;
+  *) echo "gpu_check.sh: mode '$mode' is not one of quick, tests, bench, full" >&2; exit 2 ;;
+esac
 out=${OUT:-/tmp}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -29,10 +35,13 @@ step() {  # step <seconds> <description> <command...>
 }
 
 python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
-step 240 "kernel tests on the GPU" python3 -m pytest -q -x -p no:cacheprovider \
-  tests/test_kernels.py tests/test_kernels_key_gate.py tests/test_kernels_ut_transform.py \
-  -k "(gpu or fall or support or block or fused_terms or matches or lowers) and not tpu"
-step 300 "kernels.py T=8192" python3 benchmarks/kernels.py --T 8192 \
+if [[ $mode != bench ]]; then
+  step 240 "kernel tests on the GPU" python3 -m pytest -q -x -p no:cacheprovider \
+    tests/test_kernels.py tests/test_kernels_key_gate.py tests/test_kernels_ut_transform.py \
+    -k "(gpu or fall or support or block or fused_terms or matches or lowers) and not tpu"
+fi
+[[ $mode == tests ]] && exit 0
+step 330 "kernels.py T=8192" python3 benchmarks/kernels.py --T 8192 \
   --impls pallas pallas-terms fla --out "$out/kernels_gpu.json"
 step 180 "kernel_breakdown.py T=8192" python3 benchmarks/kernel_breakdown.py --T 8192 \
   --out "$out/kernel_breakdown_gpu.json"

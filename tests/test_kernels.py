@@ -170,15 +170,15 @@ def test_support_predicate() -> None:
 
 
 def test_fused_terms_kernels_are_chosen_on_gpu() -> None:
-  """`pallas_kernels.fused_terms` takes every G call on GPU (the RWKV6 bonus and K = 256
-  included) and the D calls with K <= 128."""
+  """`pallas_kernels.fused_terms` takes every G and D call on GPU (the RWKV6 bonus and
+  K = 256 included), none on TPU."""
   from pallas_kernels import delta as delta_kernels  # pylint: disable=import-outside-toplevel
   from pallas_kernels import gated as gated_kernels  # pylint: disable=import-outside-toplevel
   assert gated_kernels.uses_fused_terms("gpu", 128)
   assert gated_kernels.uses_fused_terms("gpu", 256)
   assert not gated_kernels.uses_fused_terms("tpu", 64)
   assert delta_kernels.uses_fused_terms("gpu", 128)
-  assert not delta_kernels.uses_fused_terms("gpu", 256)
+  assert delta_kernels.uses_fused_terms("gpu", 256)
   assert not delta_kernels.uses_fused_terms("tpu", 64)
 
 
@@ -210,16 +210,19 @@ def test_fused_terms_option_selects_the_generic_path(family: str, bonus: bool,
     h.assert_close(a, e, rtol=h.XLA_RTOL, atol_rel=h.XLA_ATOL_REL, name="fused_terms option")
 
 
-@pytest.mark.parametrize("gate", ["scalar", "vector"])
-def test_fused_terms_at_the_largest_key_dim(gate: str) -> None:
-  """G calls with K = 256 (four key blocks of the default block_k = 64) through the fused
-  GPU kernels, against the reference: o, final state, every gradient."""
-  d = h.make_inputs(G, B=1, T=40, H=2, K=256, V=32, gate=gate, segments=True,
+@pytest.mark.parametrize("family,gate", [(G, "scalar"), (G, "vector"), (D, "scalar")],
+                         ids=["G-scalar", "G-vector", "D-scalar"])
+def test_fused_terms_at_the_largest_key_dim(family: str, gate: str) -> None:
+  """Calls with K = 256 (four key blocks of the default block_k = 64; for D, two column
+  blocks of the UT forward) through the fused GPU kernels with the default BlockSizes,
+  against the reference: o, final state, every gradient."""
+  d = h.make_inputs(family, B=1, T=40, H=2, K=256, V=32, gate=gate, segments=True,
                     initial_state=True, seed=11)
   options = KernelOptions(platform="gpu", interpret=dispatch.backend_platform() != "gpu")
-  got = h.run_with_grads(G, "pallas", d, kernel=options)
-  want = h.run_with_grads(G, "reference", d)
-  h.assert_all_close(got, want, rtol=h.XLA_RTOL, atol_rel=h.XLA_ATOL_REL, ctx=f"K=256 {gate}")
+  got = h.run_with_grads(family, "pallas", d, kernel=options)
+  want = h.run_with_grads(family, "reference", d)
+  h.assert_all_close(got, want, rtol=h.XLA_RTOL, atol_rel=h.XLA_ATOL_REL,
+                     ctx=f"K=256 {family} {gate}")
 
 
 def test_block_sizes_are_checked() -> None:

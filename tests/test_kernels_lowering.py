@@ -19,7 +19,6 @@ import pytest
 
 import _helpers as h
 
-from pallas_kernels import delta as delta_kernels
 from pallas_kernels import dispatch, gpu_lowering
 from pallas_kernels.chunk_recurrence import BlockSizes, chunk_recurrence
 
@@ -118,8 +117,6 @@ def _fused_terms_configs() -> list:
   configs = []
   for family in FUSED_FAMILIES:
     for k, v, dt, seg in every:
-      if family == "delta" and k > delta_kernels.FUSED_TERMS_MAX_K:
-        continue
       marks = () if (k, v, dt, seg) in fast else (pytest.mark.slow,)
       configs.append(pytest.param(family, k, v, dt, seg, 100, marks=marks,
                                   id=f"{family}-K{k}-V{v}-{jnp.dtype(dt).name}-"

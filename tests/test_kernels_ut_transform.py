@@ -113,6 +113,8 @@ CASES = [  # (chunk, K, V, docs, p = k, strong gate, dtype)
     pytest.param(32, 32, 32, False, False, True, jnp.bfloat16),
     # K, V > 64: the backward kernels walk two 64-column blocks of each.
     pytest.param(16, 128, 128, True, False, False, jnp.float32),
+    # K, V > 128: the forward kernel walks two 128-column blocks of each.
+    pytest.param(32, 256, 256, True, False, False, jnp.float32),
 ]
 
 

@@ -1,9 +1,9 @@
 """Pallas path of `jaxlin.ops.delta_rule` (the D family, incl. Comba's removal key).
 
-On GPU with K <= 128, the kernels of `pallas_kernels.fused_terms` run the whole op:
-the UT transform per chunk (`ut_transform`), then the recurrence with the in-chunk
-scores formed in registers (`delta_chunks`). Otherwise (TPU, or K = 256), the UT
-transform of each chunk (the triangular solve, W_k = T diag(b Gamma) P,
+On GPU, the kernels of `pallas_kernels.fused_terms` run the whole op: the UT
+transform per chunk (`ut_transform`), then the recurrence with the in-chunk
+scores formed in registers (`delta_chunks`). Otherwise (TPU, or
+`KernelOptions(fused_terms=False)`), the UT transform of each chunk (the triangular solve, W_k = T diag(b Gamma) P,
 U = T diag(beta) V, the in-chunk scores, document masks) runs in XLA in
 parallel over chunks (`jaxlin.ops.delta.chunk_terms`), and the chunk-recurrence
 kernel runs W = U - W_k S, the outputs and the state update chunk by chunk
@@ -25,9 +25,9 @@ from pallas_kernels.fused_terms.layout import RowLayout
 from pallas_kernels.fused_terms.ut_transform import ut_transform
 
 
-# At K = 256 the fused UT transform spills (Triton 3.9, sm_90: ut_transform_fwd 216 B per
-# thread; benchmarks/kernel_resources.py --K 256), so that call keeps the XLA UT transform.
-FUSED_TERMS_MAX_K = 128
+# Every GPU K. At K = 256 the UT forward walks two 128-column blocks of K (Triton 3.9, sm_90:
+# 24 B spilled per thread; benchmarks/kernel_resources.py --K 256).
+FUSED_TERMS_MAX_K = 256
 
 
 def supports(platform: str, key_dim: int, value_dim: int, dtype: jnp.dtype) -> bool:

@@ -132,25 +132,26 @@ def _load(q_ref: Any, k_ref: Any, b_ref: Any, rel_ref: Any | None,
   """The blocks of one chunk (static row slices of the refs; the key columns `keys`, all by
   default) and its decay."""
   num = q_ref.shape[0] // BLOCK
-  blocks = [_load_block(q_ref, k_ref, b_ref, rel_ref, i, keys) for i in range(num)]
-  decay = jnp.exp(blocks[0].b_end)
+  last_rows = pl.ds((num - 1) * BLOCK, BLOCK)
+  b_end = _pick(b_ref[last_rows, keys], BLOCK - 1)
+  rel_end = None if rel_ref is None else _pick(rel_ref[last_rows], BLOCK - 1)
+  blocks = [_load_block(q_ref, k_ref, b_ref, rel_ref, i, keys, b_end, rel_end)
+            for i in range(num)]
+  decay = jnp.exp(b_end)
   if rel_ref is not None:
-    decay = jnp.where(blocks[0].rel_end == 0, decay, 0.0)
+    decay = jnp.where(rel_end == 0, decay, 0.0)
   return Chunk(blocks, decay)
 
 
-def _load_block(q_ref: Any, k_ref: Any, b_ref: Any, rel_ref: Any | None, i: int,
-                keys: Any = slice(None)) -> Rows:
-  """Block i of the chunk (rows 16 i .. 16 i + 15; the key columns `keys`)."""
+def _load_block(q_ref: Any, k_ref: Any, b_ref: Any, rel_ref: Any | None, i: int, keys: Any,
+                b_end: jax.Array, rel_end: jax.Array | None) -> Rows:
+  """Block i of the chunk (rows 16 i .. 16 i + 15; the key columns `keys`), with the chunk's
+  last-row gate b_C and document rel_C."""
   num = q_ref.shape[0] // BLOCK
-  rows = lambda n: pl.ds(n * BLOCK, BLOCK)
-  b = b_ref[rows(i), keys]
-  b_end = _pick(b_ref[rows(num - 1), keys], BLOCK - 1)
-  rel = rel_end = None
-  if rel_ref is not None:
-    rel = rel_ref[rows(i)]
-    rel_end = _pick(rel_ref[rows(num - 1)], BLOCK - 1)
-  return Rows(q_ref[rows(i), keys], k_ref[rows(i), keys], b, rel, _pick(b, BLOCK - 1),
+  rows = pl.ds(i * BLOCK, BLOCK)
+  b = b_ref[rows, keys]
+  rel = None if rel_ref is None else rel_ref[rows]
+  return Rows(q_ref[rows, keys], k_ref[rows, keys], b, rel, _pick(b, BLOCK - 1),
               (_row_iota() == BLOCK - 1) & (i == num - 1), b_end, rel_end)
 
 

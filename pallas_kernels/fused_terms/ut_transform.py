@@ -17,6 +17,8 @@ as `u_wk` of `jaxlin.ops.delta.chunk_terms`. T is built as in
 `jaxlin.ops.triangular`: 16-row blocks, each 16 x 16 diagonal block of I + L
 inverted by forward substitution (a rank-1 update per column, 15 of them), the
 blocks below the diagonal by matmuls T_IJ = -T_II sum_{J <= M < I} L_IM T_MJ.
+The forward reads P, K and V by 128-column blocks (P K^T summed over them; U and
+W_k written by them), so at K = 256 only half of P and K is live at a time.
 
 Backward, with X = [Diag(beta) V | Diag(s a) P], Y = T X = [U | W_k] and the
 cotangents dY = [dU | dW_k]:
@@ -50,15 +52,13 @@ from pallas_kernels.fused_terms.specs import chunk_spec
 f32 = jnp.float32
 BLOCK = 16                 # rows of a block of the inverse
 COLUMN_BLOCK = 64          # columns of K or V per step of the backward kernels
+FORWARD_COLUMN_BLOCK = 128  # ... and of the forward kernel (K = 256 takes two steps)
 CHUNKS = (16, 32, 64)      # chunk lengths the kernels take
 DIM_RANGE = (16, 256)      # K and V: powers of two in this range
 
 
 class Rows(NamedTuple):
-  """One chunk's inputs, split into 16-row blocks (lists indexed by block)."""
-  k: list[jax.Array]          # [16, K] matmul dtype
-  p: list[jax.Array]          # [16, K]
-  v: list[jax.Array]          # [16, V]
+  """One chunk's per-token terms, split into 16-row blocks (lists indexed by block)."""
   beta: list[jax.Array]       # [16] float32
   strength: list[jax.Array]   # [16] float32: s
   cum: list[jax.Array]        # [16] float32
@@ -66,25 +66,56 @@ class Rows(NamedTuple):
   incoming: list[jax.Array]   # [16] float32: a = exp(cum) [rel = 0]
 
 
-def _rows(num: int, k_ref: Any, p_ref: Any, v_ref: Any, beta_ref: Any, s_ref: Any,
-          cum_ref: Any, rel_ref: Any | None) -> Rows:
-  """Loads the `num` 16-row blocks of one chunk with static slices."""
-  def block(ref: Any, i: int) -> jax.Array:
-    rows = pl.ds(i * BLOCK, BLOCK)
-    return ref[rows] if len(ref.shape) == 1 else ref[rows, :]
+def _row_block(i: int) -> Any:
+  """The static rows 16 i .. 16 i + 15 of a chunk."""
+  return pl.ds(i * BLOCK, BLOCK)
 
-  blocks = lambda ref: [block(ref, i) for i in range(num)]
+
+def _rows(num: int, beta_ref: Any, s_ref: Any, cum_ref: Any, rel_ref: Any | None) -> Rows:
+  """Loads the per-token terms of the `num` 16-row blocks of one chunk."""
+  blocks = lambda ref: [ref[_row_block(i)] for i in range(num)]
   cum = blocks(cum_ref)
   rel = [None] * num if rel_ref is None else blocks(rel_ref)
   incoming = [jnp.exp(c) if r is None else jnp.where(r == 0, jnp.exp(c), 0.0)
               for c, r in zip(cum, rel)]
-  return Rows(blocks(k_ref), blocks(p_ref), blocks(v_ref), blocks(beta_ref), blocks(s_ref),
-              cum, rel, incoming)
+  return Rows(blocks(beta_ref), blocks(s_ref), cum, rel, incoming)
 
 
-def _pair(rows: Rows, i: int, j: int) -> tuple[jax.Array, jax.Array]:
-  """(P_I K_J^T, E_IJ) of block row i and block column j <= i: [16, 16] float32."""
-  scores = dot(rows.p[i], rows.k[j], trans_b=True)
+def _column_blocks(dim: int, width: int = COLUMN_BLOCK) -> list[Any]:
+  """Static slices of the `width`-column blocks of a dimension (all of it when smaller)."""
+  width = min(width, dim)
+  return [pl.ds(c * width, width) for c in range(dim // width)]
+
+
+def _block_scores(p_ref: Any, k_ref: Any, num: int) -> dict[tuple[int, int], jax.Array]:
+  """P_I K_J^T [16, 16] float32 of every block row I and block column J <= I, summed over
+  column blocks of K (one [C, 128] slice of P and of K live at a time)."""
+  scores = {(i, j): jnp.zeros((BLOCK, BLOCK), f32) for i in range(num) for j in range(i + 1)}
+  for cols in _column_blocks(k_ref.shape[1], FORWARD_COLUMN_BLOCK):
+    p = [p_ref[_row_block(i), cols] for i in range(num)]
+    k = [k_ref[_row_block(j), cols] for j in range(num)]
+    for i, j in scores:
+      scores[i, j] += dot(p[i], k[j], trans_b=True)
+  return scores
+
+
+def _apply_inverse(inverse: dict[tuple[int, int], jax.Array], scale: list[jax.Array],
+                   src_ref: Any, out_ref: Any, num: int) -> None:
+  """out = T Diag(scale) src, written by column blocks of FORWARD_COLUMN_BLOCK; T by its blocks T_IJ
+  (J <= I) in the matmul dtype, scale by 16-row blocks."""
+  mm = src_ref.dtype
+  for cols in _column_blocks(src_ref.shape[1], FORWARD_COLUMN_BLOCK):
+    x = [(scale[j][:, None] * src_ref[_row_block(j), cols].astype(f32)).astype(mm)
+         for j in range(num)]
+    for i in range(num):
+      y = dot(inverse[i, 0], x[0])
+      for j in range(1, i + 1):
+        y += dot(inverse[i, j], x[j])
+      out_ref[_row_block(i), cols] = y.astype(out_ref.dtype)
+
+
+def _decays(rows: Rows, i: int, j: int) -> jax.Array:
+  """E_IJ [16, 16] float32 of block row i and block column j <= i."""
   mask = None
   if i == j:
     row = jax.lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0)
@@ -95,8 +126,8 @@ def _pair(rows: Rows, i: int, j: int) -> tuple[jax.Array, jax.Array]:
     mask = same if mask is None else mask & same
   gaps = rows.cum[i][:, None] - rows.cum[j][None, :]
   if mask is None:
-    return scores, jnp.exp(gaps)
-  return scores, jnp.where(mask, jnp.exp(jnp.where(mask, gaps, 0.0)), 0.0)
+    return jnp.exp(gaps)
+  return jnp.where(mask, jnp.exp(jnp.where(mask, gaps, 0.0)), 0.0)
 
 
 def _invert_diagonal(lower: jax.Array) -> jax.Array:
@@ -196,29 +227,19 @@ def _forward_call(num_warps: int, interpret: bool, k: jax.Array, p: jax.Array, v
     k_ref, p_ref, v_ref, beta_ref, s_ref, cum_ref, *rest = refs
     rel_ref, u_ref, w_ref, t_ref = rest if docs else (None, *rest)
     mm = k_ref.dtype
-    x = _rows(blocks, k_ref, p_ref, v_ref, beta_ref, s_ref, cum_ref, rel_ref)
-    lower = {}
-    for i in range(blocks):
-      for j in range(i + 1):
-        scores, decays = _pair(x, i, j)
-        lower[i, j] = x.strength[i][:, None] * scores * decays
+    x = _rows(blocks, beta_ref, s_ref, cum_ref, rel_ref)
+    scores = _block_scores(p_ref, k_ref, blocks)
+    lower = {(i, j): x.strength[i][:, None] * scores[i, j] * _decays(x, i, j)
+             for i, j in scores}
     inverse = _inverse(lower, blocks)
-    x_v = [(b[:, None] * v.astype(f32)).astype(mm) for b, v in zip(x.beta, x.v)]
-    x_p = [((s * a)[:, None] * p.astype(f32)).astype(mm)
-           for s, a, p in zip(x.strength, x.incoming, x.p)]
     for i in range(blocks):
-      rows_i = pl.ds(i * BLOCK, BLOCK)
-      u = jnp.zeros((BLOCK, value_dim), f32)
-      w = jnp.zeros((BLOCK, key_dim), f32)
-      for j in range(i + 1):
-        t_ij = inverse[i, j].astype(mm)
-        u += dot(t_ij, x_v[j])
-        w += dot(t_ij, x_p[j])
-      u_ref[rows_i, :] = u.astype(u_ref.dtype)
-      w_ref[rows_i, :] = w.astype(w_ref.dtype)
       for j in range(blocks):
         t_ij = inverse[i, j] if j <= i else jnp.zeros((BLOCK, BLOCK), f32)
-        t_ref[rows_i, pl.ds(j * BLOCK, BLOCK)] = t_ij
+        t_ref[_row_block(i), pl.ds(j * BLOCK, BLOCK)] = t_ij
+    inverse = {ij: t.astype(mm) for ij, t in inverse.items()}
+    _apply_inverse(inverse, x.beta, v_ref, u_ref, blocks)                    # U = T Diag(beta) V
+    _apply_inverse(inverse, [s * a for s, a in zip(x.strength, x.incoming)],  # W_k = T Diag(s a) P
+                   p_ref, w_ref, blocks)
 
   inputs, in_specs = _chunk_operands(k, p, v, beta, strength, cum, rel)
   out_shape = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
@@ -250,12 +271,6 @@ def _backward_call(num_warps: int, interpret: bool, k: jax.Array, p: jax.Array, 
   d_k, d_p, d_s, d_cum = _backward_keys(num_warps, interpret, docs, inputs, in_specs, inverse,
                                         d_w, reach, d_lower)
   return d_k, d_p, d_v, d_beta, d_s, d_cum
-
-
-def _column_blocks(dim: int) -> list[Any]:
-  """Static slices of the 64-column blocks of a dimension (all of it when smaller)."""
-  width = min(COLUMN_BLOCK, dim)
-  return [pl.ds(c * width, width) for c in range(dim // width)]
 
 
 def _chunk_terms(s_ref: Any, cum_ref: Any,

@@ -101,8 +101,8 @@ def _block_scores(p_ref: Any, k_ref: Any, num: int) -> dict[tuple[int, int], jax
 
 def _apply_inverse(inverse: dict[tuple[int, int], jax.Array], scale: list[jax.Array],
                    src_ref: Any, out_ref: Any, num: int) -> None:
-  """out = T Diag(scale) src, written by column blocks of FORWARD_COLUMN_BLOCK; T by its blocks T_IJ
-  (J <= I) in the matmul dtype, scale by 16-row blocks."""
+  """out = T Diag(scale) src, written by blocks of FORWARD_COLUMN_BLOCK columns; T by its
+  blocks T_IJ (J <= I) in the matmul dtype, scale by 16-row blocks."""
   mm = src_ref.dtype
   for cols in _column_blocks(src_ref.shape[1], FORWARD_COLUMN_BLOCK):
     x = [(scale[j][:, None] * src_ref[_row_block(j), cols].astype(f32)).astype(mm)

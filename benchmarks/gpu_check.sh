@@ -3,6 +3,9 @@
 #
 # Usage (from the repo root, on the GPU host; fla-core's wheel in .whl/ if you want fla rows):
 #   bash benchmarks/gpu_check.sh [quick|tests|bench|full]
+# The GPU host reaches no package registry, so fetch the wheels beforehand where one is reachable
+# (.whl/ is git-ignored: name it in the device tool's `carry`):
+#   pip download --no-deps -d .whl fla-core==0.4.2 einops
 # tests / bench: only the first step / only the benchmarks of quick (the steps' limits add up to
 #   more than one 600 s device call, so split them there: `tests` in one call, `bench` in the next).
 # quick (default, ~8 min): kernel tests on the GPU, kernels.py at T=8192 for simple GLA, GLA, RWKV6 and

@@ -211,7 +211,7 @@ def key_gradient_pass(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array,
     qv, kv = q_ref[...], k_ref[...]                                     # [C, bk]
 
     def add_value_block(p: jax.Array, acc: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-      d_scores, d_q_in, d_k_out, d_w_k, d_decay = acc
+      d_scores, d_q_in, d_k_out, d_decay, *d_w_k = acc
       cols = pl.ds(p * bv, bv)
       do_p, w_p, s_p, g_p = do_ref[:, cols], w_ref[:, cols], s_ref[:, cols], g_ref[:, cols]
       d_scores += dot(do_p, w_p, trans_b=True)
@@ -219,16 +219,17 @@ def key_gradient_pass(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array,
       d_k_out += dot(w_p, g_p, trans_b=True)
       d_decay += jnp.sum(g_p.astype(f32) * s_p.astype(f32))
       if delta:
-        d_w_k += dot(dw_ref[:, cols].astype(mm), s_p, trans_b=True)
-      return d_scores, d_q_in, d_k_out, d_w_k, d_decay
+        d_w_k = [d_w_k[0] + dot(dw_ref[:, cols].astype(mm), s_p, trans_b=True)]
+      return d_scores, d_q_in, d_k_out, d_decay, *d_w_k
 
     keys = jnp.zeros((chunk, bk), f32)
-    # dO W^T, dO S^T, W G^T, dW S^T (the delta rule), sum(G o S): summed over value blocks
-    d_scores, d_q_in, d_k_out, d_w_k, d_decay = jax.lax.fori_loop(
+    # dO W^T, dO S^T, W G^T, sum(G o S) and, for the delta rule, dW S^T: summed over value blocks
+    d_scores, d_q_in, d_k_out, d_decay, *d_w_k = jax.lax.fori_loop(
         0, value_dim // bv, add_value_block,
-        (jnp.zeros((chunk, chunk), f32), keys, keys, keys, jnp.zeros((), f32)))
+        (jnp.zeros((chunk, chunk), f32), keys, keys, jnp.zeros((), f32),
+         *([keys] if delta else [])))
     if delta:
-      dwk_ref[...] = (-d_w_k).astype(dwk_ref.dtype)
+      dwk_ref[...] = (-d_w_k[0]).astype(dwk_ref.dtype)
     d_pairs = (d_scores * dec.pairs).astype(mm)                         # dA o E
     d_q_in = dec.incoming * d_q_in
     d_k_out = dec.outgoing * d_k_out

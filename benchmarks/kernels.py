@@ -4,6 +4,7 @@ Usage:
   python benchmarks/kernels.py                         # B=4 H=16 K=V=128 bf16, T in 2048 8192
   python benchmarks/kernels.py --T 2048 --out /tmp/kernels.json
   python benchmarks/kernels.py --quick                 # tiny shapes: a smoke test of the script
+  python benchmarks/kernels.py --quick --impls pallas --interpret gpu   # GPU kernels, on CPU
 
 Cases, on the same inputs (keys L2-normalised; gates log-sigmoid of N(3, 1) scaled like GLA):
   simple_gla        G family, scalar gate [B,T,H]           fla: chunk_simple_gla
@@ -15,6 +16,13 @@ in-chunk terms in XLA and the generic kernels instead of `pallas_kernels.fused_t
 i.e. `KernelOptions(fused_terms=False)`) and "xla", and fla when the `fla`
 package (fla-core) and torch with CUDA are importable. "forward" times the op alone,
 "forward+backward" the gradient of sum(o * do) with respect to every input (q, k, v, g, beta, u).
+
+Agreement (--check, on by default): each impl's o and gradients on the benchmark inputs are
+compared with jaxlin's "xla" form in float32 at HIGHEST matmul precision on the same inputs
+(q, k, v rounded through the benchmark dtype): relative error ||x - x_ref|| / ||x_ref|| per
+output, printed and written as "agreement" rows. fla is checked the same way, so a wrong
+gradient on either side shows next to its time (fla-core 0.4.2 has no guard against the
+Hopper dq/dk bug of fla issue #640).
 
 Timing: every function compiled first, one warm-up call, then the median over --runs calls
 (`block_until_ready` for JAX; CUDA events after `torch.cuda.synchronize` for torch).
@@ -29,6 +37,8 @@ Results are printed and written as JSON after every case.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -86,8 +96,10 @@ def model_flops(case: str, batch: int, time_: int, heads: int, key_dim: int,
   return float(batch * time_ * heads * per_token)
 
 
+@functools.lru_cache(maxsize=None)
 def jax_fns(case: str, impl: str, kernel: KernelOptions | None) -> tuple[Callable, Callable]:
-  """(forward, forward+backward) jitted functions of a dict of inputs."""
+  """(forward, forward+backward) jitted functions of a dict of inputs (one pair per call
+  signature, so the timing and the agreement check share their compilations)."""
   def op(x: dict[str, jax.Array]) -> jax.Array:
     if case == "gated_deltanet":
       return delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], impl=impl, kernel=kernel)[0]
@@ -100,11 +112,19 @@ def jax_fns(case: str, impl: str, kernel: KernelOptions | None) -> tuple[Callabl
   return jax.jit(op), jax.jit(jax.grad(loss))
 
 
+LEAVES = ("q", "k", "v", "g", "beta", "u")   # the inputs a case may have, gradients taken
+
+
+def jax_inputs(inputs: dict[str, np.ndarray], dtype: Any) -> dict[str, jax.Array]:
+  """The op's inputs: q, k, v in the benchmark dtype, gates, beta and u in float32."""
+  return {n: jnp.asarray(a, dtype if n in ("q", "k", "v") else jnp.float32)
+          for n, a in inputs.items() if n != "do"}
+
+
 def time_jax(case: str, impl: str, inputs: dict[str, np.ndarray], dtype: Any, runs: int,
              kernel: KernelOptions | None = None) -> dict[str, float]:
   fwd, fwd_bwd = jax_fns(case, impl, kernel)
-  x = {n: jnp.asarray(a, dtype if n in ("q", "k", "v") else jnp.float32)
-       for n, a in inputs.items() if n != "do"}
+  x = jax_inputs(inputs, dtype)
   do = jnp.asarray(inputs["do"])
   out = {}
   for name, fn, args in (("forward", fwd, (x,)), ("forward+backward", fwd_bwd, (x, do))):
@@ -112,6 +132,38 @@ def time_jax(case: str, impl: str, inputs: dict[str, np.ndarray], dtype: Any, ru
     out[name] = op_benchmark.median_seconds(compiled, *args, min_runs=runs, max_runs=runs,
                                             min_total_s=0.0)
   return out
+
+
+def jax_outputs(case: str, impl: str, inputs: dict[str, np.ndarray], dtype: Any,
+                kernel: KernelOptions | None = None) -> dict[str, np.ndarray]:
+  """o and the gradient of sum(o * do) for every input ("dq", "dk", ...), float32 numpy."""
+  fwd, fwd_bwd = jax_fns(case, impl, kernel)
+  x = jax_inputs(inputs, dtype)
+  out = {"o": np.asarray(fwd(x), np.float32)}
+  grads = fwd_bwd(x, jnp.asarray(inputs["do"]))
+  out.update({f"d{n}": np.asarray(grads[n], np.float32) for n in LEAVES if n in grads})
+  return out
+
+
+def reference_outputs(case: str, inputs: dict[str, np.ndarray],
+                      dtype: Any) -> dict[str, np.ndarray]:
+  """`jax_outputs` of the "xla" form in float32 at HIGHEST precision, on the inputs every impl
+  sees (q, k, v rounded through `dtype`)."""
+  rounded = {n: (np.asarray(jnp.asarray(a, dtype), np.float32) if n in ("q", "k", "v") else a)
+             for n, a in inputs.items()}
+  with jax.default_matmul_precision("highest"):
+    return jax_outputs(case, "xla", rounded, jnp.float32)
+
+
+def relative_errors(got: dict[str, np.ndarray],
+                    want: dict[str, np.ndarray]) -> dict[str, float]:
+  """||got - want|| / ||want|| (Frobenius) for every name of `want`; a missing one is an error."""
+  missing = sorted(set(want) - set(got))
+  if missing:
+    raise ValueError(f"outputs {missing} missing: got {sorted(got)}, want {sorted(want)}")
+  return {n: float(np.linalg.norm(got[n].astype(np.float64) - w.astype(np.float64))
+                   / max(np.linalg.norm(w.astype(np.float64)), np.finfo(np.float64).tiny))
+          for n, w in want.items()}
 
 
 def fla_available() -> bool:
@@ -123,8 +175,10 @@ def fla_available() -> bool:
     return False
 
 
-def time_fla(case: str, inputs: dict[str, np.ndarray], runs: int) -> dict[str, float]:
-  """fla's Triton kernels on the same inputs (bf16 q, k, v; float32 gates and u)."""
+def fla_runner(case: str, inputs: dict[str, np.ndarray]) -> Callable[[bool], dict[str, Any]]:
+  """run(backward) -> {"o": o, "dq": ..., ...} (torch tensors; gradients only with backward):
+  fla's Triton kernel of `case` on the same inputs (bf16 q, k, v; float32 gates and u), with
+  fla's defaults matching jaxlin's (layout [B,T,H,K], scale K**-0.5, log-space gates)."""
   import torch  # pylint: disable=import-outside-toplevel
   from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # pylint: disable=import-outside-toplevel
   from fla.ops.gla import chunk_gla  # pylint: disable=import-outside-toplevel
@@ -135,9 +189,9 @@ def time_fla(case: str, inputs: dict[str, np.ndarray], runs: int) -> dict[str, f
   t = {n: torch.from_numpy(a).to(dev) for n, a in inputs.items()}
   for n in ("q", "k", "v"):
     t[n] = t[n].to(torch.bfloat16)
-  leaves = [n for n in ("q", "k", "v", "g", "beta", "u") if n in t]
+  leaves = [n for n in LEAVES if n in t]
 
-  def run(backward: bool) -> None:
+  def run(backward: bool) -> dict[str, Any]:
     xs = {n: t[n].detach().requires_grad_(backward) for n in leaves}
     if case == "gla":
       o, _ = chunk_gla(xs["q"], xs["k"], xs["v"], xs["g"])
@@ -147,9 +201,25 @@ def time_fla(case: str, inputs: dict[str, np.ndarray], runs: int) -> dict[str, f
       o, _ = chunk_simple_gla(xs["q"], xs["k"], xs["v"], xs["g"])
     else:
       o, _ = chunk_gated_delta_rule(xs["q"], xs["k"], xs["v"], xs["g"], xs["beta"])
+    out = {"o": o}
     if backward:
       o.backward(t["do"].to(o.dtype))
+      out.update({f"d{n}": x.grad for n, x in xs.items()})
+    return out
 
+  return run
+
+
+def fla_outputs(case: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """`jax_outputs` of fla's kernel (`fla_runner`), float32 numpy."""
+  return {n: x.detach().float().cpu().numpy() for n, x in fla_runner(case, inputs)(True).items()}
+
+
+def time_fla(case: str, inputs: dict[str, np.ndarray], runs: int) -> dict[str, float]:
+  """fla's Triton kernels on the same inputs (`fla_runner`)."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  run = fla_runner(case, inputs)
   out = {}
   for name, backward in (("forward", False), ("forward+backward", True)):
     for _ in range(2):
@@ -178,6 +248,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
   p.add_argument("--impls", nargs="*", default=["pallas", "pallas-terms", "xla", "fla"])
   p.add_argument("--runs", type=int, default=10)
+  p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                 help="compare each impl's o and gradients with the float32 XLA form "
+                      "(module docstring); --no-check to time only")
   p.add_argument("--block-v", type=int, nargs="*", default=[],
                  help="also time the kernel with these BlockSizes.block_v "
                       "(impl 'pallas:block_v:block_k:warps:chunk_warps')")
@@ -188,6 +261,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--chunk-warps", type=int, nargs="*", default=[8],
                  help="with --block-v: BlockSizes.chunk_warps values to try (the `fused_terms` "
                       "per-chunk kernels; impl 'pallas:block_v:block_k:warps:chunk_warps')")
+  p.add_argument("--interpret", choices=["gpu", "tpu"],
+                 help="run the Pallas impls' kernels of this platform in the Pallas interpreter "
+                      "(on CPU: checks the kernels through this script; times mean nothing)")
   p.add_argument("--quick", action="store_true", help="B=1 H=2 K=V=64 T=128, 3 runs")
   p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "kernels.json"))
   args = p.parse_args(argv)
@@ -196,7 +272,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def jax_impl(impl: str, interpret: str | None = None) -> tuple[str, KernelOptions | None]:
+  """(the op's `impl`, its `KernelOptions`) of a benchmark impl name (`parse_args`); with
+  `interpret` ("gpu" or "tpu"), the Pallas impls run that platform's kernels in the
+  interpreter (a CPU check of the script and the kernels, not a timing)."""
+  kernel = None
+  if impl == "pallas-terms":
+    kernel = KernelOptions(fused_terms=False)
+  elif impl.startswith("pallas:"):
+    _, bv, bk, warps, chunk_warps = impl.split(":")
+    kernel = KernelOptions(block_sizes=BlockSizes(block_v=int(bv), block_k=int(bk),
+                                                  num_warps=int(warps),
+                                                  chunk_warps=int(chunk_warps)))
+  name = "pallas" if impl.startswith("pallas") else impl
+  if name == "pallas" and interpret is not None:
+    kernel = dataclasses.replace(kernel or KernelOptions(), platform=interpret, interpret=True)
+  return name, kernel
+
+
+def check_agreement(case: str, impl: str, inputs: dict[str, np.ndarray], dtype: Any,
+                    reference: dict[str, np.ndarray],
+                    interpret: str | None = None) -> dict[str, float]:
+  """`relative_errors` of one impl's o and gradients against `reference_outputs`."""
+  if impl == "fla":
+    return relative_errors(fla_outputs(case, inputs), reference)
+  name, kernel = jax_impl(impl, interpret)
+  return relative_errors(jax_outputs(case, name, inputs, dtype, kernel), reference)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   dtype = jnp.dtype(args.dtype)
   impls = [i for i in args.impls if i != "fla" or fla_available()]
@@ -204,28 +308,28 @@ def main(argv: Sequence[str] | None = None) -> None:
             for w in args.num_warps for cw in args.chunk_warps]
   if "fla" in args.impls and "fla" not in impls:
     print("fla (fla-core with torch+CUDA) not importable: fla rows skipped")
-  result = {"environment": op_benchmark.environment(), "args": vars(args), "rows": []}
+  result = {"environment": op_benchmark.environment(), "args": vars(args), "rows": [],
+            "agreement": []}
+  out_path = pathlib.Path(args.out)
+
+  def save() -> None:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=1))
+
   print(f"{'case':15} {'T':>6} {'impl':16} {'pass':17} {'ms':>9} {'TFLOP/s':>8} {'vs pallas':>9}")
   for time_ in args.T:
     for case in args.cases:
       inputs = make_inputs(case, args.B, time_, args.H, args.K, args.V)
       flops = model_flops(case, args.B, time_, args.H, args.K, args.V)
+      reference = reference_outputs(case, inputs, dtype) if args.check and impls else None
       timings: dict[str, dict[str, float]] = {}
       for impl in impls:
         try:
           if impl == "fla":
             timings[impl] = time_fla(case, inputs, args.runs)
-          elif impl == "pallas-terms":
-            timings[impl] = time_jax(case, "pallas", inputs, dtype, args.runs,
-                                     KernelOptions(fused_terms=False))
-          elif impl.startswith("pallas:"):
-            _, bv, bk, warps, chunk_warps = impl.split(":")
-            blocks = BlockSizes(block_v=int(bv), block_k=int(bk), num_warps=int(warps),
-                                chunk_warps=int(chunk_warps))
-            timings[impl] = time_jax(case, "pallas", inputs, dtype, args.runs,
-                                     KernelOptions(block_sizes=blocks))
           else:
-            timings[impl] = time_jax(case, impl, inputs, dtype, args.runs)
+            name, kernel = jax_impl(impl, args.interpret)
+            timings[impl] = time_jax(case, name, inputs, dtype, args.runs, kernel)
         except Exception as e:  # pylint: disable=broad-except  (report and go on)
           print(f"{case:15} {time_:6} {impl:16} failed: {type(e).__name__}: {e}"[:400])
           continue
@@ -239,9 +343,20 @@ def main(argv: Sequence[str] | None = None) -> None:
           ratio = "" if base is None else f"{seconds / base:9.2f}"
           print(f"{case:15} {time_:6} {impl:16} {pass_:17} {seconds * 1e3:9.3f} "
                 f"{row['model_tflops']:8.2f} {ratio}", flush=True)
-        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
+        if reference is not None:
+          try:
+            errors = check_agreement(case, impl, inputs, dtype, reference, args.interpret)
+          except Exception as e:  # pylint: disable=broad-except  (report and go on)
+            print(f"{case:15} {time_:6} {impl:16} check failed: {type(e).__name__}: {e}"[:400])
+          else:
+            result["agreement"].append({"case": case, "T": time_, "impl": impl,
+                                        "relative_error": errors})
+            print(f"{case:15} {time_:6} {impl:16} {'rel. error':17} "
+                  + " ".join(f"{n} {e:.1e}" for n, e in errors.items()), flush=True)
+        save()
+  save()
   print(f"wrote {args.out}")
+  return result
 
 
 if __name__ == "__main__":

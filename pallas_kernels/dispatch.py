@@ -32,7 +32,7 @@ class KernelOptions:
     `jax.export(..., platforms=[...])` (lowering checks without the hardware).
   interpret: run the kernel in the Pallas interpreter (CPU tests of either kernel).
   block_sizes: tiling; default `BlockSizes.default(platform, K, V)`.
-  fused_terms: on GPU, run G-family calls and D-family calls with K <= 128 through
+  fused_terms: on GPU, run every G- and D-family call (K <= 256) through
     `pallas_kernels.fused_terms`, whose kernels form the in-chunk terms (scores,
     decays, document masks, the delta rule's UT transform) themselves; False forms
     them in XLA and runs the generic `chunk_recurrence` kernels.

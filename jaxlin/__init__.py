@@ -3,7 +3,11 @@
 The recurrence ops live in `jaxlin.ops`; see the README for the feature table.
 """
 
-from jaxlin import ops
+from jaxlin import xla_cpu_workaround
+
+xla_cpu_workaround.apply()   # before any computation: XLA:CPU reads XLA_FLAGS when it starts
+
+from jaxlin import ops  # noqa: E402  (after the workaround)
 
 __all__ = ["ops"]
 __version__ = "0.1.0"

@@ -22,6 +22,9 @@ if _REPO_DIR not in sys.path:
 
 import pytest  # noqa: E402  (after the path setup above)
 
+# jaxlin's XLA:CPU workaround (jaxlin/xla_cpu_workaround.py) before any test computes anything
+import jaxlin  # noqa: E402,F401  pylint: disable=unused-import
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_code_after_each_module():

@@ -113,11 +113,12 @@ def jax_fns(case: str, impl: str, kernel: KernelOptions | None) -> tuple[Callabl
 
 
 LEAVES = ("q", "k", "v", "g", "beta", "u")   # the inputs a case may have, gradients taken
+LOW_PRECISION = ("q", "k", "v")              # in the benchmark dtype; the rest in float32
 
 
 def jax_inputs(inputs: dict[str, np.ndarray], dtype: Any) -> dict[str, jax.Array]:
   """The op's inputs: q, k, v in the benchmark dtype, gates, beta and u in float32."""
-  return {n: jnp.asarray(a, dtype if n in ("q", "k", "v") else jnp.float32)
+  return {n: jnp.asarray(a, dtype if n in LOW_PRECISION else jnp.float32)
           for n, a in inputs.items() if n != "do"}
 
 
@@ -149,7 +150,7 @@ def reference_outputs(case: str, inputs: dict[str, np.ndarray],
                       dtype: Any) -> dict[str, np.ndarray]:
   """`jax_outputs` of the "xla" form in float32 at HIGHEST precision, on the inputs every impl
   sees (q, k, v rounded through `dtype`)."""
-  rounded = {n: (np.asarray(jnp.asarray(a, dtype), np.float32) if n in ("q", "k", "v") else a)
+  rounded = {n: (np.asarray(jnp.asarray(a, dtype), np.float32) if n in LOW_PRECISION else a)
              for n, a in inputs.items()}
   with jax.default_matmul_precision("highest"):
     return jax_outputs(case, "xla", rounded, jnp.float32)
@@ -187,7 +188,7 @@ def fla_runner(case: str, inputs: dict[str, np.ndarray]) -> Callable[[bool], dic
 
   dev = torch.device("cuda")
   t = {n: torch.from_numpy(a).to(dev) for n, a in inputs.items()}
-  for n in ("q", "k", "v"):
+  for n in LOW_PRECISION:
     t[n] = t[n].to(torch.bfloat16)
   leaves = [n for n in LEAVES if n in t]
 

@@ -30,11 +30,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import kernels as kb  # noqa: E402
 import ops as op_benchmark  # noqa: E402
-from jaxlin.ops import delta, gated, triangular  # noqa: E402
-from pallas_kernels.chunk_recurrence import BlockSizes, chunk_recurrence  # noqa: E402
+from jaxlin.ops import delta_terms, gated_terms, triangular  # noqa: E402
+from jaxlin.ops.row_layout import RowLayout  # noqa: E402
+from pallas_kernels.block_sizes import BlockSizes  # noqa: E402
+from pallas_kernels.chunk_recurrence import chunk_recurrence  # noqa: E402
 from pallas_kernels.dispatch import KernelOptions  # noqa: E402
 from pallas_kernels.fused_terms import delta_chunks, gated_chunks  # noqa: E402
-from pallas_kernels.fused_terms.layout import RowLayout  # noqa: E402
 from pallas_kernels.fused_terms.ut_transform import ut_transform  # noqa: E402
 
 
@@ -78,9 +79,9 @@ def _terms_fn(case: str):
     q = x["q"].astype(jnp.float32) * x["q"].shape[-1] ** -0.5
     k, v = x["k"].astype(jnp.float32), x["v"].astype(jnp.float32)
     if case == "gated_deltanet":
-      t = delta.chunk_terms(q, k, v, x["beta"], x["g"], k, x["beta"], None, kb.CHUNK)
+      t = delta_terms.chunk_terms(q, k, v, x["beta"], x["g"], k, x["beta"], None, kb.CHUNK)
       return [t.q_in, t.k_out, t.scores, t.values, t.w_k, t.decay]
-    t = gated.chunk_terms(q, k, v, x["g"], None, None, kb.CHUNK)
+    t = gated_terms.chunk_terms(q, k, v, x["g"], None, None, kb.CHUNK)
     return [t.q_in, t.k_out, t.scores, t.values, t.decay]
   return terms
 

@@ -39,9 +39,10 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from pallas_kernels.chunk_recurrence import BlockSizes  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))  # gpu_lowering
+from pallas_kernels.block_sizes import BlockSizes  # noqa: E402
 from pallas_kernels.dispatch import KernelOptions  # noqa: E402
-from pallas_kernels.gpu_lowering import op_gradient, triton_kernels, triton_resources  # noqa: E402
+from gpu_lowering import op_gradient, triton_kernels, triton_resources  # noqa: E402
 
 FAMILIES = {"simple_gla": "gated", "gla": "gated-per-key", "gated_deltanet": "delta"}
 CASES = tuple(FAMILIES)

@@ -56,7 +56,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import ops as op_benchmark  # noqa: E402  (benchmarks/ops.py: environment())
 from jaxlin.ops import delta_rule, gated_linear_attention  # noqa: E402
-from pallas_kernels.chunk_recurrence import BlockSizes  # noqa: E402
+from pallas_kernels.block_sizes import BlockSizes  # noqa: E402
 from pallas_kernels.dispatch import KernelOptions  # noqa: E402
 
 CASES = ("simple_gla", "gla", "rwkv6", "gated_deltanet")

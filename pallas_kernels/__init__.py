@@ -1,7 +1,14 @@
-"""Pallas kernels for the jaxlin recurrence ops (DESIGN.md §7).
+"""Pallas kernels of the jaxlin recurrence ops: the lowest layer of the package.
+
+These modules import only jax and each other; they work on the [R, N, C, *] row
+layout (R = batch * heads rows of N chunks of C tokens) and never on an op's
+[B, T, H, *] arguments. `block_sizes.py` and `dispatch.py` (kernel options,
+platform choice, support predicates) sit at the top so that both the kernels
+and `jaxlin.ops` import them.
 
 `chunk_recurrence/` is the fused inter-chunk kernel shared by both op families
-(TPU Mosaic and GPU Triton, forward and backward, `jax.custom_vjp` wiring).
-`gated/` and `delta/` prepare each family's per-chunk terms in XLA and call it,
-or, on GPU, call `fused_terms/`, whose kernels form those terms themselves. `jaxlin.ops` dispatches to them for `impl="pallas"` / `"auto"`.
+(TPU Mosaic and GPU Triton, forward and backward, `jax.custom_vjp` wiring);
+`fused_terms/` holds the GPU kernels that also form the in-chunk terms. The
+adapters from the ops' arguments to these kernels are `jaxlin.ops.gated_pallas`
+and `jaxlin.ops.delta_pallas`.
 """

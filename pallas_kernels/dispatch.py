@@ -16,11 +16,15 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
+from pallas_kernels.block_sizes import BlockSizes
 
 KERNEL_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 GPU_DIMS = (16, 32, 64, 128, 256)     # powers of two Triton tiles hold in registers
 TPU_DIMS = (64, 128, 256)
+# Every GPU K runs `fused_terms`: the gradient kernels work by key blocks of block_k, and at
+# K = 256 the UT forward walks two 128-column blocks of K (Triton 3.9, sm_90: 24 B spilled
+# per thread; benchmarks/kernel_resources.py --K 256).
+FUSED_TERMS_MAX_K = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,12 @@ def supports_dims(platform: str, key_dim: int, value_dim: int, dtype: jnp.dtype)
   dims = GPU_DIMS if platform == "gpu" else TPU_DIMS if platform == "tpu" else ()
   return (key_dim in dims and value_dim in dims
           and any(jnp.dtype(dtype) == jnp.dtype(d) for d in KERNEL_DTYPES))
+
+
+def uses_fused_terms(platform: str, key_dim: int) -> bool:
+  """Whether a kernel call runs `pallas_kernels.fused_terms` (GPU, K <= FUSED_TERMS_MAX_K)
+  rather than the XLA terms and `chunk_recurrence`."""
+  return platform == "gpu" and key_dim <= FUSED_TERMS_MAX_K
 
 
 def kernel_platform(impl: str, options: KernelOptions | None,

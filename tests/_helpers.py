@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlin import ops
-from pallas_kernels.gpu_lowering import export_cuda  # noqa: F401  (the lowering tests call h.export_cuda)
+from gpu_lowering import export_cuda  # noqa: F401  (the lowering tests call h.export_cuda)
 
 Inputs = dict[str, Optional[np.ndarray]]
 

@@ -7,6 +7,7 @@ final state and the gradient of every input.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import jax
@@ -15,8 +16,10 @@ import numpy as np
 import pytest
 
 import _helpers as h
+from jaxlin.ops import delta_pallas, gated_pallas
 from pallas_kernels import dispatch
-from pallas_kernels.chunk_recurrence import BlockSizes, chunk_recurrence
+from pallas_kernels.block_sizes import BlockSizes
+from pallas_kernels.chunk_recurrence import chunk_recurrence
 from pallas_kernels.chunk_recurrence import reference as core_reference
 from pallas_kernels.dispatch import KernelOptions
 
@@ -71,7 +74,7 @@ def test_chunk_recurrence_matches_scan(platform: str, with_w_k: bool) -> None:
 G_CASES = {
     "bla-segments": dict(gate=None, segments=True, initial_state=True),
     # On GPU (as every G case): the in-chunk terms formed in the kernels; the bonus through
-    # the queries one token ahead (pallas_kernels.gated._fused_terms_with_bonus).
+    # the queries one token ahead (jaxlin.ops.gated_pallas._fused_terms_with_bonus).
     "scalar-bonus": dict(gate="scalar", bonus=True, initial_state=True),
     "vector-bonus-segments": dict(gate="vector", bonus=True, segments=True, initial_state=True),
     "scalar-segments-strong": dict(gate="scalar", gate_strength="strong", segments=True,
@@ -172,14 +175,9 @@ def test_support_predicate() -> None:
 def test_fused_terms_kernels_are_chosen_on_gpu() -> None:
   """`pallas_kernels.fused_terms` takes every G and D call on GPU (the RWKV6 bonus and
   K = 256 included), none on TPU."""
-  from pallas_kernels import delta as delta_kernels  # pylint: disable=import-outside-toplevel
-  from pallas_kernels import gated as gated_kernels  # pylint: disable=import-outside-toplevel
-  assert gated_kernels.uses_fused_terms("gpu", 128)
-  assert gated_kernels.uses_fused_terms("gpu", 256)
-  assert not gated_kernels.uses_fused_terms("tpu", 64)
-  assert delta_kernels.uses_fused_terms("gpu", 128)
-  assert delta_kernels.uses_fused_terms("gpu", 256)
-  assert not delta_kernels.uses_fused_terms("tpu", 64)
+  assert dispatch.uses_fused_terms("gpu", 128)
+  assert dispatch.uses_fused_terms("gpu", 256)
+  assert not dispatch.uses_fused_terms("tpu", 64)
 
 
 @pytest.mark.parametrize("family,bonus", [(G, False), (G, True), (D, False)],
@@ -188,15 +186,12 @@ def test_fused_terms_option_selects_the_generic_path(family: str, bonus: bool,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
   """KernelOptions(fused_terms=False) runs the XLA-terms path on GPU; both give the same
   answer (with the RWKV6 bonus too: the fused path shifts the queries)."""
-  import dataclasses  # pylint: disable=import-outside-toplevel
-  from pallas_kernels import delta as delta_kernels  # pylint: disable=import-outside-toplevel
-  from pallas_kernels import gated as gated_kernels  # pylint: disable=import-outside-toplevel
   extra = dict(bonus=True, gate="vector") if bonus else dict(gate="scalar")
   d = h.make_inputs(family, B=1, T=40, H=2, **DIMS["gpu"], segments=True, initial_state=True,
                     seed=7, **extra)
   fused = _options("gpu")
-  module, name = ((gated_kernels, "gated_chunks") if family == G
-                  else (delta_kernels, "delta_chunks"))
+  module, name = ((gated_pallas, "gated_chunks") if family == G
+                  else (delta_pallas, "delta_chunks"))
   calls = []
   real = getattr(module, name)
   monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))

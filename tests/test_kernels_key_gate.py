@@ -22,7 +22,7 @@ import pytest
 
 import _helpers as h
 
-from pallas_kernels.chunk_recurrence import BlockSizes
+from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.chunk_recurrence.reference import chunk_recurrence
 from pallas_kernels.fused_terms import gated_chunks
 

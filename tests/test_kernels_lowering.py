@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import pytest
 
 import _helpers as h
-
-from pallas_kernels import dispatch, gpu_lowering
-from pallas_kernels.chunk_recurrence import BlockSizes, chunk_recurrence
+import gpu_lowering
+from pallas_kernels import dispatch
+from pallas_kernels.block_sizes import BlockSizes
+from pallas_kernels.chunk_recurrence import chunk_recurrence
 
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 

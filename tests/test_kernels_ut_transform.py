@@ -4,7 +4,7 @@ On CPU the kernels run in the Pallas interpreter, natively on a GPU host. Compar
 gradients of k, p, v, beta, strength and cum of a random linear loss, against
 a float32 reference of the same math built on `triangular.unit_lower_inverse`
 (its gradients by autodiff); bf16 inputs against the reference on the same
-rounded values. Also: the kernel equals `delta.chunk_terms` on its own layout,
+rounded values. Also: the kernel equals `delta_terms.chunk_terms` on its own layout,
 and the forward and backward kernels lower for CUDA (Triton).
 
 Legend: R rows, N chunks, C chunk length, K key dim, V value dim.
@@ -20,7 +20,7 @@ import pytest
 
 import _helpers as h
 
-from jaxlin.ops import chunking, delta
+from jaxlin.ops import chunking, delta_terms
 from jaxlin.ops.triangular import unit_lower_inverse
 from pallas_kernels.fused_terms.ut_transform import ut_transform
 
@@ -150,7 +150,7 @@ def test_matches_reference(chunk: int, key_dim: int, value_dim: int, docs: bool,
 
 @pytest.mark.slow   # the D op tests compare the same path with the reference
 def test_matches_chunk_terms() -> None:
-  """U and W_k equal `delta.chunk_terms` (gated, with documents) on the same chunks."""
+  """U and W_k equal `delta_terms.chunk_terms` (gated, with documents) on the same chunks."""
   # R = B H = 2, N = 2, C = 64, K = V = 32: the shapes of the first case (its compilation).
   batch, time, heads, chunk, key_dim, value_dim = 1, 128, 2, 64, 32, 32
   rng = np.random.default_rng(3)
@@ -168,8 +168,8 @@ def test_matches_chunk_terms() -> None:
   @jax.jit
   def xla_terms(k: jax.Array, p: jax.Array, v: jax.Array, beta: jax.Array, b: jax.Array,
                 g: jax.Array, segment_ids: jax.Array) -> tuple:
-    """(U, W_k) of `delta.chunk_terms` and the kernel's inputs, [R, N, C, ...]."""
-    terms = delta.chunk_terms(k, k, v, beta, g, p, b, segment_ids, chunk)
+    """(U, W_k) of `delta_terms.chunk_terms` and the kernel's inputs, [R, N, C, ...]."""
+    terms = delta_terms.chunk_terms(k, k, v, beta, g, p, b, segment_ids, chunk)
     docs = chunking.document_masks(segment_ids, chunk)
     cum = chunking.chunk_cumsum(chunking.to_chunks(g, chunk), docs.same)   # [B, H, N, C]
     rel = jnp.broadcast_to(chunking.documents_in_chunk(segment_ids, chunk), cum.shape)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxlin import ops
-from jaxlin.ops import chunking, gated
+from jaxlin.ops import chunking, gated_terms
 
 B, T, H, K, V, CHUNK = 1, 150, 2, 16, 8, 64
 RTOL, ATOL_REL = 1e-3, 2e-4
@@ -38,7 +38,7 @@ def _inputs(low: float, high: float) -> dict[str, jax.Array]:
 def test_tier_is_selected(tier: int, low: float, high: float) -> None:
   g = _inputs(low, high)["g"]
   b = jnp.cumsum(chunking.to_chunks(g, CHUNK), axis=3)
-  assert int(gated.score_tier(b)) == tier
+  assert int(gated_terms.score_tier(b)) == tier
 
 
 @pytest.mark.parametrize("segments", [False, True], ids=["noseg", "seg"])

@@ -7,7 +7,7 @@ For every row r (a batch*head pair) and chunk n, with S_0 = initial_state:
     S_{n+1} = Diag(d_n) S_n + K_out,n^T W_n
 
 Both op families reduce to this once their per-chunk terms are formed in XLA
-(`pallas_kernels.gated`, `pallas_kernels.delta`). `jax.grad` does not pass
+(`jaxlin.ops.gated_pallas`, `jaxlin.ops.delta_pallas`). `jax.grad` does not pass
 through `pallas_call`, so each platform module gives a `forward` returning
 (o, final state, residuals) and a `backward` walking the chunks in reverse:
 on TPU one fused kernel per direction (`tpu.py`), on GPU a sequential state
@@ -23,7 +23,7 @@ import functools
 import jax
 
 from pallas_kernels.chunk_recurrence import gpu, tpu
-from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
+from pallas_kernels.block_sizes import BlockSizes
 
 PLATFORMS = {"gpu": gpu, "tpu": tpu}
 

@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.chunk_recurrence import chunk_math
-from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
+from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.chunk_recurrence.operands import cast_like, present, with_absent
 
 f32 = jnp.float32

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.chunk_recurrence import gpu as state_kernels
-from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
+from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.fused_terms import scalar_kernels as kernels
 from pallas_kernels.fused_terms.state_operands import state_operands
 

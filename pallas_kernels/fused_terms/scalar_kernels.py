@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
+from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.chunk_recurrence.chunk_math import dot
 from pallas_kernels.fused_terms.specs import (chunk_spec, compiler_params, gradient_operands,
                                               value_block_call)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
+from pallas_kernels.block_sizes import BlockSizes
 
 OUTPUT_BLOCK_V = 128     # value columns per program of the chunk-parallel (R, N, P) kernels
 

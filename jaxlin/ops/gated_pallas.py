@@ -1,11 +1,11 @@
-"""Pallas path of `jaxlin.ops.gated_linear_attention` (the G family).
+"""The kernel adapter of `jaxlin.ops.gated_linear_attention` (the G family): its Pallas path.
 
 On GPU, every gate kind and every K runs the kernels of
 `pallas_kernels.fused_terms`, which form the in-chunk terms themselves (exactly,
 by 16-token blocks, for strong per-key gates). The RWKV6 bonus runs them too,
 through a shift of the queries (`_fused_terms_with_bonus`). On TPU (and with
 `KernelOptions(fused_terms=False)`) the call forms the in-chunk terms in XLA with
-`jaxlin.ops.gated.chunk_terms`, and the chunk-recurrence kernel runs the
+`jaxlin.ops.gated_terms.chunk_terms`, and the chunk-recurrence kernel runs the
 inter-chunk recurrence with the state on chip and writes the outputs.
 """
 
@@ -16,20 +16,14 @@ import jax.numpy as jnp
 
 from jaxlin.ops import chunking
 from jaxlin.ops import documents
-from jaxlin.ops import gated
+from jaxlin.ops import gated_terms
+from jaxlin.ops.row_layout import RowLayout
 from pallas_kernels import dispatch
-from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
+from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.chunk_recurrence.terms import run_terms
 from pallas_kernels.fused_terms import gated_chunks
-from pallas_kernels.fused_terms.layout import RowLayout
 
-FUSED_TERMS_MAX_K = 256   # every GPU K: the gradient kernels work by key blocks of block_k
 f32 = jnp.float32
-
-
-def supports(platform: str, key_dim: int, value_dim: int, dtype: jnp.dtype) -> bool:
-  """Whether the kernel runs a G-family call with these dims and input dtype."""
-  return dispatch.supports_dims(platform, key_dim, value_dim, dtype)
 
 
 def chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
@@ -39,23 +33,17 @@ def chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
   """The G recurrence through the kernel; arguments as `gated._chunked` (float32,
   q scaled). Returns (o [B, T, H, V] in `matmul_dtype`, final state [B, H, K, V])."""
   time = q.shape[1]
-  if options.fused_terms and uses_fused_terms(platform, q.shape[-1]):
+  if options.fused_terms and dispatch.uses_fused_terms(platform, q.shape[-1]):
     if bonus is not None:
       return _fused_terms_with_bonus(q, k, v, g, bonus, initial_state, segment_ids,
                                      matmul_dtype=matmul_dtype, options=options)
     return _fused_terms(q, k, v, g, initial_state, segment_ids, matmul_dtype=matmul_dtype,
                         options=options)
-  terms = gated.chunk_terms(q, k, v, g, bonus, segment_ids, dispatch.kernel_chunk(time))
+  terms = gated_terms.chunk_terms(q, k, v, g, bonus, segment_ids, dispatch.kernel_chunk(time))
   o, final = run_terms(terms.q_in, terms.k_out, terms.scores, terms.values, None,
                        terms.decay, initial_state, matmul_dtype=matmul_dtype,
                        platform=platform, options=options)
   return chunking.from_chunks(o, time), final
-
-
-def uses_fused_terms(platform: str, key_dim: int) -> bool:
-  """Whether a kernel call runs `pallas_kernels.fused_terms` (GPU, K <= FUSED_TERMS_MAX_K)
-  rather than the XLA terms and `chunk_recurrence`."""
-  return platform == "gpu" and key_dim <= FUSED_TERMS_MAX_K
 
 
 def _fused_terms_with_bonus(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,

@@ -1,11 +1,11 @@
-"""Pallas path of `jaxlin.ops.delta_rule` (the D family, incl. Comba's removal key).
+"""The kernel adapter of `jaxlin.ops.delta_rule` (the D family, incl. Comba's removal key).
 
 On GPU, the kernels of `pallas_kernels.fused_terms` run the whole op: the UT
 transform per chunk (`ut_transform`), then the recurrence with the in-chunk
 scores formed in registers (`delta_chunks`). Otherwise (TPU, or
 `KernelOptions(fused_terms=False)`), the UT transform of each chunk (the triangular solve, W_k = T diag(b Gamma) P,
 U = T diag(beta) V, the in-chunk scores, document masks) runs in XLA in
-parallel over chunks (`jaxlin.ops.delta.chunk_terms`), and the chunk-recurrence
+parallel over chunks (`jaxlin.ops.delta_terms.chunk_terms`), and the chunk-recurrence
 kernel runs W = U - W_k S, the outputs and the state update chunk by chunk
 with the state on chip.
 """
@@ -16,23 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxlin.ops import chunking
-from jaxlin.ops import delta
+from jaxlin.ops import delta_terms
+from jaxlin.ops.row_layout import RowLayout
 from pallas_kernels import dispatch
-from pallas_kernels.chunk_recurrence.block_sizes import BlockSizes
+from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.chunk_recurrence.terms import run_terms
 from pallas_kernels.fused_terms.delta import delta_chunks
-from pallas_kernels.fused_terms.layout import RowLayout
 from pallas_kernels.fused_terms.ut_transform import ut_transform
-
-
-# Every GPU K. At K = 256 the UT forward walks two 128-column blocks of K (Triton 3.9, sm_90:
-# 24 B spilled per thread; benchmarks/kernel_resources.py --K 256).
-FUSED_TERMS_MAX_K = 256
-
-
-def supports(platform: str, key_dim: int, value_dim: int, dtype: jnp.dtype) -> bool:
-  """Whether the kernel runs a D-family call with these dims and input dtype."""
-  return dispatch.supports_dims(platform, key_dim, value_dim, dtype)
 
 
 def chunked(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Array | None,
@@ -42,20 +32,14 @@ def chunked(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, g: jax.Ar
   """The D recurrence through the kernel; arguments as `delta._chunked` (float32,
   q scaled). Returns (o [B, T, H, V] in `matmul_dtype`, final state [B, H, K, V])."""
   time = q.shape[1]
-  if options.fused_terms and uses_fused_terms(platform, q.shape[-1]):
+  if options.fused_terms and dispatch.uses_fused_terms(platform, q.shape[-1]):
     return _fused_terms(q, k, v, beta, g, p, b, initial_state, segment_ids,
                         matmul_dtype=matmul_dtype, options=options)
-  terms = delta.chunk_terms(q, k, v, beta, g, p, b, segment_ids, dispatch.kernel_chunk(time))
+  terms = delta_terms.chunk_terms(q, k, v, beta, g, p, b, segment_ids, dispatch.kernel_chunk(time))
   o, final = run_terms(terms.q_in, terms.k_out, terms.scores, terms.values, terms.w_k,
                        terms.decay, initial_state, matmul_dtype=matmul_dtype,
                        platform=platform, options=options)
   return chunking.from_chunks(o, time), final
-
-
-def uses_fused_terms(platform: str, key_dim: int) -> bool:
-  """Whether a kernel call runs `pallas_kernels.fused_terms` (GPU, K <= FUSED_TERMS_MAX_K)
-  rather than the XLA terms and `chunk_recurrence`."""
-  return platform == "gpu" and key_dim <= FUSED_TERMS_MAX_K
 
 
 def _fused_terms(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array,

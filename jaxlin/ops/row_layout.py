@@ -1,4 +1,4 @@
-"""From the ops' [B, T, H, *] arguments to the `fused_terms` kernels' row layout and back.
+"""From the ops' [B, T, H, *] arguments to the row layout of `pallas_kernels.fused_terms` and back.
 
 Legend: B batch, T time, H heads, N chunks, C chunk length; the kernels see
 R = B*H rows of [N, C, *] chunks.

@@ -1,10 +1,12 @@
 """Lowering the GPU kernels without a GPU: the StableHLO and the Triton IR of each kernel.
 
-`export_cuda` runs the Pallas -> Triton lowering under an abstract H100 mesh (DESIGN.md section 7);
+`export_cuda` runs the Pallas -> Triton lowering under an abstract H100 mesh (docs/design.md, Kernels);
 the lowering tests use it. `triton_kernels` also returns each kernel's Triton IR (TTIR) text and
 launch parameters; `triton_resources` compiles one with the pip `triton` package (extra
 `resources`; no GPU or driver needed) and reads its registers, spills and shared memory, as
 XLA's own copy of Triton would roughly give them (`benchmarks/kernel_resources.py`).
+
+Test tooling: it lives beside the tests, not in the package (the benchmark adds tests/ to its path).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+
+from jaxlin.ops import delta_rule, gated_linear_attention
 
 H100_KIND = "NVIDIA H100 80GB HBM3"
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -66,7 +70,7 @@ def _recording_triton_modules() -> Iterator[list[str]]:
     lower = registration.lowering.lower_jaxpr_to_triton_module
   except (ImportError, AttributeError) as e:
     raise RuntimeError(f"jax {jax.__version__}: the Pallas Triton lowering moved; "
-                       "update pallas_kernels.gpu_lowering") from e
+                       "update tests/gpu_lowering.py") from e
   texts: list[str] = []
 
   def recording_lower(*args: Any, **kwargs: Any) -> Any:
@@ -90,7 +94,6 @@ def op_gradient(family: str, key_dim: int, value_dim: int, dtype: Any, time_: in
   `options` (a `dispatch.KernelOptions`), and its abstract arguments (batch 1, 2 heads), to
   lower every kernel of the forward and backward pass. family: "gated" (scalar gate),
   "gated-per-key", "rwkv6" (per-key gate and the bonus) or "delta" (Gated DeltaNet)."""
-  from jaxlin.ops import delta_rule, gated_linear_attention  # pylint: disable=import-outside-toplevel
   if family not in OP_FAMILIES:
     raise ValueError(f"family={family!r}: expected one of {OP_FAMILIES}")
   ids = lambda seg: seg if documents else None

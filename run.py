@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
   import jax  # after flag parsing, so --help is fast
 
-  from jaxlin import sample, train
+  from jaxlin.training import sample, train
 
   config = _CONFIG.value
   log = logging.getLogger("jaxlin")

@@ -34,8 +34,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from jaxlin import optim, steps  # noqa: E402
-from jaxlin.train import model_config_for  # noqa: E402
+from jaxlin.training import optim, steps  # noqa: E402
+from jaxlin.config import model_config_for  # noqa: E402
 
 
 def load_config(path: str) -> Any:

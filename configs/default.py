@@ -22,7 +22,8 @@ command resumes from the newest checkpoint; then sample with
 
 import ml_collections
 
-from jaxlin import data, optim, sample
+from jaxlin import data
+from jaxlin.training import optim, sample
 from jaxlin.config import ModelConfig
 
 

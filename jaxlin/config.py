@@ -276,7 +276,7 @@ class ModelConfig:
     Fields whose value is None are typed placeholders (`FieldReference` of the
     field's type), so `--config.model.window=128` works on a locked config.
     `vocab_size=None` (the default without a preset) means "the data's
-    vocabulary" (jaxlin.train fills it in); a larger vocab_size pads it.
+    vocabulary" (jaxlin.training.train fills it in); a larger vocab_size pads it.
     """
     import ml_collections  # only run configs need it
     if preset is not None:
@@ -343,3 +343,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=256, d_model=64, num_layers=4, num_heads=2, pattern="LLLN",
                  moe_every=2, num_experts=4, moe_top_k=2, expert_hidden=64, mlp_hidden=128),
 }
+
+
+def model_config_for(config: Any, vocab_size: int) -> ModelConfig:
+  """ModelConfig of `config.model`, vocab_size taken from the data when it is None."""
+  values = config.model.to_dict()
+  if values.get("vocab_size") is None:
+    values["vocab_size"] = vocab_size
+  elif values["vocab_size"] < vocab_size:
+    raise ValueError(f"model.vocab_size={values['vocab_size']}: smaller than the data's "
+                     f"vocabulary ({vocab_size} tokens); leave it None to use the data's")
+  return ModelConfig.from_config_dict(values)

@@ -36,7 +36,7 @@ def tiny_config(workdir: str, **overrides: Any) -> ml_collections.ConfigDict:
 
 def train_losses(workdir: str) -> dict[int, float]:
   """{step: train loss} from a work directory's metrics.jsonl (last record per step)."""
-  from jaxlin.metrics import read_metrics
+  from jaxlin.training.metrics import read_metrics
   return {r["step"]: r["loss"] for r in read_metrics(str(workdir)) if r["split"] == "train"}
 
 

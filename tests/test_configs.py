@@ -9,8 +9,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from jaxlin import optim, train
-from jaxlin.config import ModelConfig
+from jaxlin.training import optim, train
+from jaxlin.config import ModelConfig, model_config_for
 from jaxlin.model import count_parameters
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +44,7 @@ def test_config_is_valid_and_builds_its_model(name: str) -> None:
   train.validate_config(config)
   optim.validate(config.optimizer, config.train.num_steps)
   vocab = 8192 if config.data.source == "mqar" else 256
-  model_config = train.model_config_for(config, vocab)
+  model_config = model_config_for(config, vocab)
   assert isinstance(model_config, ModelConfig)
   counts = count_parameters(model_config)  # shapes only: the paper sizes allocate nothing
   assert counts.total >= counts.active > 0

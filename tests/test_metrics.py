@@ -1,4 +1,4 @@
-"""Tests of `jaxlin.metrics` (JSON lines, TensorBoard, progress bar, timer) and `jaxlin.plot`."""
+"""Tests of `jaxlin.training.metrics` (JSON lines, TensorBoard, progress bar, timer) and `jaxlin.training.plot`."""
 from __future__ import annotations
 
 import glob
@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from jaxlin import metrics
-from jaxlin.metrics import MetricsWriter, ProgressBar, StepTimer, read_metrics
+from jaxlin.training import metrics
+from jaxlin.training.metrics import MetricsWriter, ProgressBar, StepTimer, read_metrics
 
 
 class FakeClock:
@@ -270,7 +270,7 @@ def test_step_timer():
 
 def test_plot_losses_png(tmp_path):
   from matplotlib.image import imread
-  from jaxlin.plot import plot_losses
+  from jaxlin.training.plot import plot_losses
 
   d = str(tmp_path / "run1")
   with MetricsWriter(d, tensorboard=False) as w:
@@ -291,7 +291,7 @@ def test_plot_losses_png(tmp_path):
 
 
 def test_plot_losses_errors_without_metrics(tmp_path):
-  from jaxlin.plot import plot_losses
+  from jaxlin.training.plot import plot_losses
 
   d = str(tmp_path)
   with MetricsWriter(d, tensorboard=False) as w:

@@ -14,8 +14,8 @@ import pytest
 from flax import nnx
 
 from _train_helpers import checkpoint_params, tiny_config, train_losses
-from jaxlin import optim, steps, train
-from jaxlin.checkpoint import CheckpointCorruptError, CheckpointMismatchError
+from jaxlin.training import optim, steps, train
+from jaxlin.training.checkpoint import CheckpointCorruptError, CheckpointMismatchError
 from jaxlin.config import ModelConfig
 
 

@@ -1,4 +1,4 @@
-"""The functional train and eval steps of `jaxlin.train`.
+"""The functional train and eval steps of `jaxlin.training.train`.
 
 A batch is a dict of [B, T] arrays: `inputs`, `targets` (int32), `segment_ids`
 (int32; packed documents) and `weights` (float32; 0 where a position must not
@@ -85,7 +85,7 @@ def forward(graphdef: nnx.GraphDef, params: Any,
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, accumulation_steps: int = 1
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """train_step(state, batch) -> (state, metrics); not jitted (jaxlin.train jits it once).
+  """train_step(state, batch) -> (state, metrics); not jitted (jaxlin.training.train jits it once).
 
   metrics: loss (weighted mean cross-entropy), aux_loss, accuracy, grad_norm
   (before clipping), learning_rate (of this update), tokens (sum of weights)

@@ -1,9 +1,9 @@
 """Loss curves of a run: `plot_losses(workdir)` writes `<workdir>/loss.png`.
 
-Reads `jaxlin.metrics.read_metrics(workdir)`: train loss (faint, with an EMA
+Reads `jaxlin.training.metrics.read_metrics(workdir)`: train loss (faint, with an EMA
 smoothed line), eval loss (markers) and, when recorded, eval accuracy on a
 second y axis. Drawn with the Agg canvas directly, so matplotlib's global
-backend (pyplot) is left alone. Also `python -m jaxlin.plot WORKDIR [OUT]`.
+backend (pyplot) is left alone. Also `python -m jaxlin.training.plot WORKDIR [OUT]`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxlin.metrics import read_metrics
+from jaxlin.training.metrics import read_metrics
 
 LOG_Y_RATIO = 10.0  # log y axis when max / min of the losses exceeds this
 
@@ -95,5 +95,5 @@ def plot_losses(workdir: str, *, out: str | None = None,
 
 if __name__ == "__main__":
   if len(sys.argv) not in (2, 3):
-    sys.exit("usage: python -m jaxlin.plot WORKDIR [OUT]")
+    sys.exit("usage: python -m jaxlin.training.plot WORKDIR [OUT]")
   print(plot_losses(sys.argv[1], out=sys.argv[2] if len(sys.argv) == 3 else None))

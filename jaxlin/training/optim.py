@@ -1,4 +1,4 @@
-"""The optimizer of `jaxlin.train`: AdamW, warmup + cosine schedule, clipping, decay mask.
+"""The optimizer of `jaxlin.training.train`: AdamW, warmup + cosine schedule, clipping, decay mask.
 
     lr(s) = peak * s / warmup                                  s <  warmup
     lr(s) = end + (peak - end) * (1 + cos(pi * r)) / 2         r = (s - warmup) / (steps - warmup)

@@ -19,8 +19,10 @@ import ml_collections
 from flax import nnx
 
 from jaxlin import data as data_lib
-from jaxlin import generate, steps
-from jaxlin.checkpoint import Checkpointer
+from jaxlin import generate
+from jaxlin.config import model_config_for
+from jaxlin.training import steps
+from jaxlin.training.checkpoint import Checkpointer
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -67,7 +69,6 @@ def write_samples(workdir: str, step: int, samples: list[str]) -> str:
 def from_checkpoint(config: ml_collections.ConfigDict, *, prompt: str | None = None,
                     step: int | None = None) -> tuple[int, list[str]]:
   """(step, samples) from the newest checkpoint (or `step`) of `config.workdir`."""
-  from jaxlin.train import model_config_for  # train imports this module
   checkpointer = Checkpointer(config.workdir, max_to_keep=config.checkpoint.max_to_keep)
   steps_saved = checkpointer.all_steps()
   if not steps_saved:

@@ -1,4 +1,4 @@
-"""`jaxlin.train.train(config)`: the training run behind `python run.py --config configs/X.py`.
+"""`jaxlin.training.train.train(config)`: the training run behind `python run.py --config configs/X.py`.
 
     data (grain) -> jitted train_step (donated state) -> metrics.jsonl / TensorBoard / progress
                  -> eval every eval.every_steps -> checkpoint every checkpoint.every_steps
@@ -21,9 +21,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
-import time
 from typing import Any, Iterator
 
 import jax
@@ -34,10 +34,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlin import data as data_lib
-from jaxlin import metrics as metrics_lib
-from jaxlin import optim, plot, sample, steps
-from jaxlin.checkpoint import Checkpointer
-from jaxlin.config import ModelConfig
+from jaxlin.config import ModelConfig, model_config_for
+from jaxlin.training import metrics as metrics_lib
+from jaxlin.training import optim, plot, sample, steps
+from jaxlin.training.checkpoint import Checkpointer
 
 log = logging.getLogger("jaxlin")
 
@@ -95,17 +95,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            f"a multiple of the {devices} devices")
   _require(per_device % t.accumulation_steps == 0, "data.batch_size", per_device,
            f"a multiple of train.accumulation_steps={t.accumulation_steps}")
-
-
-def model_config_for(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-  """ModelConfig of `config.model`, vocab_size taken from the data when it is None."""
-  values = config.model.to_dict()
-  if values.get("vocab_size") is None:
-    values["vocab_size"] = vocab_size
-  elif values["vocab_size"] < vocab_size:
-    raise ValueError(f"model.vocab_size={values['vocab_size']}: smaller than the data's "
-                     f"vocabulary ({vocab_size} tokens); leave it None to use the data's")
-  return ModelConfig.from_config_dict(values)
 
 
 # ---------------------------------------------------------------- signals
@@ -251,25 +240,26 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
                                     enabled=primary and config.logging.progress)
       pending: tuple[int, dict[str, jax.Array]] | None = None
       window: list[dict[str, float]] = []
-      window_start = time.perf_counter()
+      # tokens/s between log points, from the end of the first step (which compiles) on
+      timer = metrics_lib.StepTimer(skip_first=True)
 
       def flush() -> None:
         """Fetches the pending step's metrics: NaN check, progress, logging."""
-        nonlocal pending, window_start, last_train
+        nonlocal pending, last_train
         if pending is None:
           return
         step, device_metrics = pending
         pending = None
         host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        timer.tick(tokens_per_step)  # the step is done: its metrics are on the host
         _check_finite(step, host, last_checkpoint)
         window.append(host)
         if step % config.logging.every_steps == 0 or step == num_steps:
-          elapsed = time.perf_counter() - window_start
-          last_train = dict(_mean(window),
-                            tokens_per_second=len(window) * tokens_per_step / elapsed)
+          rate = timer.lap()  # NaN for a window of only the compiling first step
+          last_train = dict(_mean(window), **({} if math.isnan(rate) else
+                                              {"tokens_per_second": rate}))
           writer.write(step, last_train, split="train")
           window.clear()
-          window_start = time.perf_counter()
         bar.update(step, loss=host["loss"], tokens_per_second=last_train.get(
             "tokens_per_second", 0.0))
 
@@ -287,9 +277,6 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
         flush()  # the previous step's metrics; this step keeps running meanwhile
         step += 1
         pending = (step, device_metrics)
-        if step == start + 1:
-          window_start = time.perf_counter()  # the first step includes compilation
-          window.clear()
         if stop.received:
           save(step)
           interrupted = stop.received

@@ -30,7 +30,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from jaxlin.layers import feature_maps, linear_attention, moe, mom
+from jaxlin import validation
+from jaxlin.layers import feature_maps, linear_attention, moe, mom, routing
 from jaxlin.ops import arguments
 from jaxlin.ops import attention as attention_ops
 
@@ -179,76 +180,60 @@ class ModelConfig:
     """Raises ValueError naming the field, the value and what is allowed."""
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "conv_size",
                  "mom_num_memories", "mom_top_k", "num_experts", "moe_top_k"):
-      _positive_int(name, getattr(self, name))
+      validation.positive_int(name, getattr(self, name))
     for name in ("num_kv_heads", "head_dim", "linear_head_dim", "window", "mlp_hidden",
                  "expert_hidden", "shared_expert_hidden"):
-      if getattr(self, name) is not None:
-        _positive_int(name, getattr(self, name))
+      validation.positive_int(name, getattr(self, name), optional=True)
     for name in ("moe_every", "num_shared_experts"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}={value!r}: expected an int >= 0")
+      validation.non_negative_int(name, getattr(self, name))
 
-    if (isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int)
-        or not 16 <= self.chunk_size <= 256 or self.chunk_size % 16):
-      raise ValueError(f"chunk_size={self.chunk_size!r}; allowed: a multiple of 16 in "
-                       "[16, 256]")
-    if not isinstance(self.pattern, str) or not self.pattern:
-      raise ValueError(f"pattern={self.pattern!r}: expected a non-empty string over "
-                       f"{list(LAYER_TYPES)} (L linear, N softmax attention), e.g. 'LLLN'")
-    bad = sorted(set(self.pattern) - set(LAYER_TYPES))
-    if bad:
-      raise ValueError(f"pattern={self.pattern!r} has letters {bad}; allowed letters: "
-                       f"{list(LAYER_TYPES)} (L linear, N softmax attention), e.g. 'LLLN'")
-    _choice("mixer", self.mixer, MIXERS)
-    _choice("impl", self.impl, IMPLS)
-    _choice("dtype", self.dtype, DTYPES)
-    _choice("param_dtype", self.param_dtype, PARAM_DTYPES)
+    arguments.check_chunk_size(self.chunk_size)
+    pattern_rule = (f"a non-empty string over {list(LAYER_TYPES)} (L linear, N softmax "
+                    "attention), e.g. 'LLLN'")
+    validation.require(isinstance(self.pattern, str) and bool(self.pattern)
+                       and not set(self.pattern) - set(LAYER_TYPES),
+                       "pattern", self.pattern, pattern_rule)
+    validation.choice("mixer", self.mixer, MIXERS)
+    validation.choice("impl", self.impl, IMPLS)
+    validation.choice("dtype", self.dtype, DTYPES)
+    validation.choice("param_dtype", self.param_dtype, PARAM_DTYPES)
 
-    if self.head_dim is None and self.d_model % self.num_heads:
-      raise ValueError(f"d_model={self.d_model} is not divisible by num_heads="
-                       f"{self.num_heads}; allowed: num_heads dividing d_model, or set head_dim")
-    if self.linear_head_dim is None and self.d_model % self.num_heads:
-      raise ValueError(f"d_model={self.d_model} is not divisible by num_heads="
-                       f"{self.num_heads}; set linear_head_dim")
-    if self.num_heads % self.resolved_num_kv_heads:
-      divisors = [h for h in range(1, self.num_heads + 1) if self.num_heads % h == 0]
-      raise ValueError(f"num_kv_heads={self.num_kv_heads} does not divide num_heads="
-                       f"{self.num_heads}; allowed: {divisors}")
+    if self.head_dim is None or self.linear_head_dim is None:
+      validation.require(self.d_model % self.num_heads == 0, "num_heads", self.num_heads,
+                         f"a divisor of d_model={self.d_model} (or set head_dim and "
+                         "linear_head_dim)")
+    validation.require(self.num_heads % self.resolved_num_kv_heads == 0, "num_kv_heads",
+                       self.num_kv_heads,
+                       f"a divisor of num_heads={self.num_heads}: one of "
+                       f"{[h for h in range(1, self.num_heads + 1) if self.num_heads % h == 0]}")
     if "N" in self.layer_types:
-      if self.resolved_head_dim % 2:
-        raise ValueError(f"head_dim={self.resolved_head_dim} must be even for RoPE "
-                         "(softmax attention layers)")
-      _choice("attention_impl", self.attention_impl, tuple(attention_ops.IMPLS))
+      validation.require(self.resolved_head_dim % 2 == 0, "head_dim", self.resolved_head_dim,
+                         "an even int (RoPE of the softmax attention layers)")
+      validation.choice("attention_impl", self.attention_impl, tuple(attention_ops.IMPLS))
     if "L" in self.layer_types:
       if self.mixer == "linear":
-        _choice("linear_variant", self.linear_variant, tuple(linear_attention.VARIANTS))
+        validation.choice("linear_variant", self.linear_variant, tuple(linear_attention.VARIANTS))
         if self.feature_map is not None:
-          _choice("feature_map", self.feature_map, tuple(feature_maps.FEATURE_MAPS))
+          validation.choice("feature_map", self.feature_map, tuple(feature_maps.FEATURE_MAPS))
       else:
-        _choice("mom_core", self.mom_core, tuple(mom.CORES))
-        if self.mom_top_k > self.mom_num_memories:
-          raise ValueError(f"mom_top_k={self.mom_top_k} > mom_num_memories="
-                           f"{self.mom_num_memories}; allowed: 1..{self.mom_num_memories}")
-    if self.moe_every > self.num_layers:
-      raise ValueError(f"moe_every={self.moe_every} > num_layers={self.num_layers} gives no "
-                       f"MoE layer; allowed: 0 (dense) or 1..{self.num_layers}")
+        validation.choice("mom_core", self.mom_core, mom.cores())
+        validation.require(self.mom_top_k <= self.mom_num_memories, "mom_top_k", self.mom_top_k,
+                           f"an int in [1, mom_num_memories={self.mom_num_memories}]")
+    validation.require(self.moe_every <= self.num_layers, "moe_every", self.moe_every,
+                       f"0 (dense) or an int in [1, num_layers={self.num_layers}]")
     if self.moe_every:
-      if self.moe_top_k > self.num_experts:
-        raise ValueError(f"moe_top_k={self.moe_top_k} > num_experts={self.num_experts}; "
-                         f"allowed: 1..{self.num_experts}")
-      _choice("moe_scoring", self.moe_scoring, tuple(moe.SCORINGS))
-      _choice("moe_dispatch", self.moe_dispatch, tuple(moe.DISPATCHES))
-      if self.moe_shared_gate and not self.num_shared_experts:
-        raise ValueError("moe_shared_gate=True needs shared experts; allowed: "
-                         "num_shared_experts >= 1, or moe_shared_gate=False")
-      if not self.moe_capacity_factor > 0:
-        raise ValueError(f"moe_capacity_factor={self.moe_capacity_factor}: expected > 0")
+      validation.require(self.moe_top_k <= self.num_experts, "moe_top_k", self.moe_top_k,
+                         f"an int in [1, num_experts={self.num_experts}]")
+      validation.choice("moe_scoring", self.moe_scoring, routing.SCORINGS)
+      validation.choice("moe_dispatch", self.moe_dispatch, tuple(moe.DISPATCHES))
+      validation.require(not self.moe_shared_gate or self.num_shared_experts >= 1,
+                         "moe_shared_gate", self.moe_shared_gate,
+                         "False without shared experts (a gate needs num_shared_experts >= 1)")
+      validation.require(self.moe_capacity_factor > 0, "moe_capacity_factor",
+                         self.moe_capacity_factor, "a number > 0")
     for name in ("init_std", "moe_aux_coef", "moe_z_coef", "mom_aux_coef", "norm_eps"):
-      if not getattr(self, name) >= 0:
-        raise ValueError(f"{name}={getattr(self, name)!r}: expected a float >= 0")
-    if not self.rope_theta > 0:
-      raise ValueError(f"rope_theta={self.rope_theta!r}: expected > 0")
+      validation.non_negative(name, getattr(self, name))
+    validation.require(self.rope_theta > 0, "rope_theta", self.rope_theta, "a number > 0")
 
   # ------------------------------------------------------------ construction
   @classmethod
@@ -280,7 +265,7 @@ class ModelConfig:
     """
     import ml_collections  # only run configs need it
     if preset is not None:
-      _choice("preset", preset, tuple(PRESETS))
+      validation.choice("preset", preset, tuple(PRESETS))
     values = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
               for f in dataclasses.fields(cls)}
     values["vocab_size"] = None
@@ -302,7 +287,7 @@ class ModelConfig:
   @classmethod
   def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
     """A named preset (see PRESETS) with some fields overridden."""
-    _choice("preset", name, tuple(PRESETS))
+    validation.choice("preset", name, tuple(PRESETS))
     return cls(**{**PRESETS[name], **overrides})
 
 
@@ -316,18 +301,6 @@ class _FrozenDict(dict):
     raise TypeError("ModelConfig options are read-only; use ModelConfig.replace")
 
   __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _readonly  # type: ignore
-
-
-def _positive_int(name: str, value: Any) -> None:
-  """Raises ValueError unless value is an int >= 1."""
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"{name}={value!r}: expected an int >= 1")
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-  """Raises ValueError listing `allowed` unless value is one of them."""
-  if value not in allowed:
-    raise ValueError(f"unknown {name}={value!r}; allowed: {list(allowed)}")
 
 
 # The Linear-MoE paper sizes (arXiv 2503.05447; DESIGN.md §9): every block MoE,

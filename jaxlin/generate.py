@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlin import validation
+
 f32 = jnp.float32
 
 
@@ -40,14 +42,12 @@ def filter_logits(logits: jax.Array, *, top_k: int | None = None,
   logits = logits.astype(f32)
   vocab = logits.shape[-1]
   if top_k is not None:
-    if not 1 <= top_k:
-      raise ValueError(f"top_k={top_k}: expected None or an int >= 1")
+    validation.positive_int("top_k", top_k, optional=True)
     if top_k < vocab:
       kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
       logits = jnp.where(logits >= kth, logits, -jnp.inf)
   if top_p is not None:
-    if not 0.0 < top_p <= 1.0:
-      raise ValueError(f"top_p={top_p}: expected None or a float in (0, 1]")
+    validation.require(0.0 < top_p <= 1.0, "top_p", top_p, "None or a float in (0, 1]")
     sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]                 # descending
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs                      # exclusive
@@ -60,8 +60,7 @@ def filter_logits(logits: jax.Array, *, top_k: int | None = None,
 def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None) -> jax.Array:
   """Draw one token per row from logits [B, V] -> [B] int32 (module docstring)."""
-  if temperature < 0:
-    raise ValueError(f"temperature={temperature}: expected >= 0 (0 = greedy)")
+  validation.require(temperature >= 0, "temperature", temperature, "a number >= 0 (0: greedy)")
   logits = logits.astype(f32)
   if temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -110,12 +109,9 @@ def generate(model: nnx.Module, prompt_tokens: jax.Array, *, max_new_tokens: int
   prompt = jnp.asarray(prompt_tokens, jnp.int32)
   if prompt.ndim != 2 or prompt.shape[1] < 1:
     raise ValueError(f"prompt_tokens: got shape {tuple(prompt.shape)}; expected [B, P], P >= 1")
-  if max_new_tokens < 0:
-    raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 0")
-  if temperature < 0:
-    raise ValueError(f"temperature={temperature}: expected >= 0 (0 = greedy)")
-  if eos_id is not None and eos_id < 0:
-    raise ValueError(f"eos_id={eos_id}: expected None or a token id >= 0")
+  validation.non_negative_int("max_new_tokens", max_new_tokens)
+  validation.require(temperature >= 0, "temperature", temperature, "a number >= 0 (0: greedy)")
+  validation.require(eos_id is None or eos_id >= 0, "eos_id", eos_id, "None or a token id >= 0")
   if max_new_tokens == 0:
     return prompt
   graphdef, state = nnx.split(model)

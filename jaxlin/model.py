@@ -22,7 +22,6 @@ Legend: B batch, T time, D d_model, V vocab_size, L num_layers.
 
 from __future__ import annotations
 
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +30,7 @@ from flax import nnx
 
 from jaxlin.config import ModelConfig
 from jaxlin.layers.attention import SoftmaxAttention
-from jaxlin.layers.base import Aux, Cache
+from jaxlin.layers.base import Aux, Cache, ParamCounts
 from jaxlin.layers.linear_attention import LinearAttention
 from jaxlin.layers.mlp import SwiGLU
 from jaxlin.layers.moe import MoE
@@ -188,12 +187,6 @@ class LanguageModel(nnx.Module):
 
 
 # --------------------------------------------------------------- parameter counts
-class ParamCounts(NamedTuple):
-  """All parameters, and those one token computes with (top-k of each MoE's experts)."""
-  total: int
-  active: int
-
-
 def count_parameters(config: ModelConfig, *, include_embeddings: bool = True) -> ParamCounts:
   """(total, active) parameter counts from shapes only (`nnx.eval_shape`, no allocation).
 

@@ -305,7 +305,7 @@ def _bad_inputs(tmp: Any) -> list[tuple[str, str, type, str]]:
       ("arrayrecord", f"{tmp}/empty.array_record", ValueError,
        r"data.paths: .*empty.array_record has no records"),
       ("arrayrecord", f"{tmp}/empty.txt", ValueError, r"empty.txt is not an ArrayRecord file"),
-      ("csv", f"{tmp}/empty.txt", ValueError, r"data.source='csv' is not allowed; allowed: \("),
+      ("csv", f"{tmp}/empty.txt", ValueError, r"data.source: got 'csv'; expected one of \("),
   ]
 
 
@@ -530,15 +530,15 @@ def test_validation_paths_and_errors(tmp_path: Any) -> None:
 
 
 @pytest.mark.parametrize("fields, process_count, message", [
-    ({"seq_len": 0}, 1, r"data.seq_len=0 must be an integer >= 1"),
+    ({"seq_len": 0}, 1, r"data.seq_len: got 0; expected an int >= 1"),
     ({"batch_size": 16}, 3, r"data.batch_size=16 must be divisible by the process count 3"),
-    ({"batch_size": 2.5}, 1, r"data.batch_size=2.5 must be an integer >= 1"),
+    ({"batch_size": 2.5}, 1, r"data.batch_size: got 2.5; expected an int >= 1"),
     ({"validation_fraction": 1.0}, 1, r"data.validation_fraction=1.0 must be a number in \[0, 1\)"),
-    ({"shuffle_seed": -1}, 1, r"data.shuffle_seed=-1 must be an integer in \[0, 4294967295\]"),
-    ({"worker_count": -1}, 1, r"data.worker_count=-1 must be an integer >= 0"),
-    ({"piece_chars": -5}, 1, r"data.piece_chars=-5 must be an integer >= 0"),
+    ({"shuffle_seed": -1}, 1, r"data.shuffle_seed: got -1; expected an int in \[0, 4294967295\]"),
+    ({"worker_count": -1}, 1, r"data.worker_count: got -1; expected an int >= 0"),
+    ({"piece_chars": -5}, 1, r"data.piece_chars: got -5; expected an int >= 0"),
     ({"text_field": ""}, 1, r"data.text_field='' must be a non-empty string"),
-    ({"source": "csv"}, 1, r"data.source='csv' is not allowed; allowed: \('shakespeare', 'text'"),
+    ({"source": "csv"}, 1, r"data.source: got 'csv'; expected one of \('shakespeare', 'text'"),
     ({"paths": "my.txt"}, 1, r"data.paths='my.txt' is set but data.source='shakespeare' reads no "
      r"files; use a file source"),
     ({"validation_fraction": 0.99}, 1, r"0 training documents for 1 processes \(data.source="
@@ -560,7 +560,7 @@ def test_unknown_missing_fields_and_process_index() -> None:
   del config.mqar.seed
   with pytest.raises(ValueError, match=r"missing data fields \['data.mqar.seed'\]"):
     data.build(config)
-  with pytest.raises(ValueError, match=r"process_index=2 must be in \[0, process_count=2\)"):
+  with pytest.raises(ValueError, match=r"process_index: got 2; expected an int in \[0, process_count=2\)"):
     data.build(data.default_config(), process_index=2, process_count=2)
 
 

@@ -147,11 +147,11 @@ def test_temperature_to_zero_is_greedy() -> None:
 def test_errors(setup: tuple) -> None:
   model, _ = setup
   logits = jnp.zeros((1, 5))
-  with pytest.raises(ValueError, match=r"top_p=1.5"):
+  with pytest.raises(ValueError, match=r"top_p: got 1.5; expected None or a float in \(0, 1\]"):
     gen.filter_logits(logits, top_p=1.5)
-  with pytest.raises(ValueError, match=r"top_k=0"):
+  with pytest.raises(ValueError, match=r"top_k: got 0; expected None or an int >= 1"):
     gen.filter_logits(logits, top_k=0)
-  with pytest.raises(ValueError, match=r"temperature=-1"):
+  with pytest.raises(ValueError, match=r"temperature: got -1.0; expected a number >= 0"):
     gen.sample_logits(logits, jax.random.key(0), temperature=-1.0)
   with pytest.raises(ValueError, match=r"expected \[B, P\]"):
     gen.generate(model, jnp.zeros((4,), jnp.int32), max_new_tokens=2, rng=jax.random.key(0))

@@ -197,10 +197,10 @@ def test_non_finite_loss_stops_with_step_and_metric(tmp_path, monkeypatch) -> No
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("train.num_steps", 0, r"train.num_steps=0: expected an int >= 1"),
-    ("data.batch_size", 6, r"data.batch_size=6: expected a multiple of train.accumulation_steps"),
-    ("checkpoint.max_to_keep", 0, r"checkpoint.max_to_keep=0"),
-    ("logging.tensorboard", "yes", r"logging.tensorboard='yes'"),
+    ("train.num_steps", 0, r"train.num_steps: got 0; expected an int >= 1"),
+    ("data.batch_size", 6, r"data.batch_size: got 6; expected a multiple of train.accumulation_steps"),
+    ("checkpoint.max_to_keep", 0, r"checkpoint.max_to_keep: got 0"),
+    ("logging.tensorboard", "yes", r"logging.tensorboard: got 'yes'"),
 ])
 def test_run_config_errors_name_the_field(tmp_path, key: str, value: object, match: str) -> None:
   overrides = {key: value}

@@ -29,13 +29,13 @@ from typing import Any
 
 import numpy as np
 
+from jaxlin import validation
+
 SPLITS = {"train": 0, "validation": 1}
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
-  return int(value)
+  return int(validation.int_in_range(name, value, minimum))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +62,8 @@ class MqarTask:
           f"data.seq_len={seq_len} is too short for data.mqar.num_kv_pairs={n}: it holds "
           f"2 * num_kv_pairs key-value tokens, then a query region with a query slot every 2 "
           f"tokens for each key, so it must be >= 4 * num_kv_pairs = {4 * n}")
-    if not float(self.power_a) > 0:
-      raise ValueError(f"data.mqar.power_a={self.power_a!r} must be > 0 (1.0: uniform gaps)")
+    validation.require(float(self.power_a) > 0, "data.mqar.power_a", self.power_a,
+                       "a number > 0 (1.0: uniform gaps)")
 
   @property
   def num_slots(self) -> int:

@@ -28,6 +28,8 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
+from jaxlin import validation
+
 MAX_EMPTY_DOCUMENTS = 100_000  # in a row: more means the documents tokenize to nothing
 
 
@@ -97,8 +99,7 @@ class PackIterDataset(grain.IterDataset):
 
   def __init__(self, parent: grain.IterDataset, row_length: int):
     super().__init__(parent)
-    if row_length < 2:
-      raise ValueError(f"row_length must be >= 2 (seq_len + 1), got {row_length}")
+    validation.int_in_range("row_length (seq_len + 1)", row_length, 2)
     self._row_length = row_length
 
   def __iter__(self) -> grain.DatasetIterator:

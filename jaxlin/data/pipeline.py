@@ -27,6 +27,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from jaxlin import validation
 from jaxlin.data import mqar as mqar_lib
 from jaxlin.data import packing, shakespeare, sources
 from jaxlin.data import tokenizers as tokenizers_lib
@@ -139,11 +140,7 @@ def _int(config: ml_collections.ConfigDict, name: str, minimum: int,
   value = config
   for part in name.split("."):
     value = value[part]
-  if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum
-      or (maximum is not None and value > maximum)):
-    bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
-    raise ValueError(f"data.{name}={value!r} must be an integer {bound}")
-  return int(value)
+  return int(validation.int_in_range(f"data.{name}", value, minimum, maximum))
 
 
 def _check(config: ml_collections.ConfigDict, process_index: int, process_count: int) -> None:
@@ -155,10 +152,10 @@ def _check(config: ml_collections.ConfigDict, process_index: int, process_count:
     if names:
       raise ValueError(f"{problem} data fields {sorted('data.' + k for k in names)}; start from "
                        "jaxlin.data.default_config()")
-  if config.source not in SOURCES:
-    raise ValueError(f"data.source={config.source!r} is not allowed; allowed: {SOURCES}")
-  if not 1 <= process_count or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+  validation.choice("data.source", config.source, SOURCES)
+  validation.positive_int("process_count", process_count)
+  validation.require(validation.is_int(process_index) and 0 <= process_index < process_count,
+                     "process_index", process_index, f"an int in [0, process_count={process_count})")
   _int(config, "seq_len", 1)
   batch_size = _int(config, "batch_size", 1)
   if batch_size % process_count:

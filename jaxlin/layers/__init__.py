@@ -44,16 +44,9 @@ __all__ += [
 
 # channel mixers: dense SwiGLU MLP and Mixture-of-Experts (DESIGN.md §5)
 from jaxlin.layers.mlp import SwiGLU, swiglu_param_count
-from jaxlin.layers.moe import (
-    MoE,
-    ParamCounts,
-    Routing,
-    expert_capacity,
-    load_balance_loss,
-    moe_param_counts,
-    route,
-    router_z_loss,
-)
+from jaxlin.layers.base import ParamCounts
+from jaxlin.layers.moe import MoE, expert_capacity, moe_param_counts
+from jaxlin.layers.routing import Routing, load_balance_loss, route, router_z_loss
 
 __all__ += [
     "MoE",

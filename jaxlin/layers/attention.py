@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlin import validation
 from jaxlin.layers.base import Cache, MixerOutput
 from jaxlin.layers.norm import RMSNorm
 from jaxlin.layers.rope import apply_rope
@@ -69,10 +70,8 @@ class SoftmaxAttention(nnx.Module):
                window: int | None = None, qk_norm: bool = False, impl: str = "auto",
                init_std: float = 0.02, dtype: jnp.dtype = f32, param_dtype: jnp.dtype = f32,
                rngs: nnx.Rngs) -> None:
-    if not isinstance(d_model, int) or d_model < 1:
-      raise ValueError(f"d_model: got {d_model!r}; expected a positive int")
-    if not isinstance(num_heads, int) or num_heads < 1:
-      raise ValueError(f"num_heads: got {num_heads!r}; expected a positive int")
+    validation.positive_int("d_model", d_model)
+    validation.positive_int("num_heads", num_heads)
     if head_dim is None:
       if d_model % num_heads:
         raise ValueError(f"num_heads: got {num_heads}, which does not divide d_model={d_model}; "
@@ -85,13 +84,9 @@ class SoftmaxAttention(nnx.Module):
     if not isinstance(num_kv_heads, int) or num_kv_heads < 1 or num_heads % num_kv_heads:
       raise ValueError(f"num_kv_heads: got {num_kv_heads!r}; expected a divisor of "
                        f"num_heads={num_heads}, allowed: {_divisors(num_heads)}")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
-                               or window < 1):
-      raise ValueError(f"window: got {window!r}; expected None or an int >= 1")
-    if impl not in IMPLS:
-      raise ValueError(f"impl: got {impl!r}; expected one of {IMPLS}")
-    if not init_std >= 0:
-      raise ValueError(f"init_std: got {init_std!r}; expected a float >= 0")
+    validation.positive_int("window", window, optional=True)
+    validation.choice("impl", impl, IMPLS)
+    validation.non_negative("init_std", init_std)
     self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
     self.head_dim, self.rope_theta, self.window = head_dim, float(rope_theta), window
     self.impl, self.dtype = impl, dtype
@@ -106,10 +101,8 @@ class SoftmaxAttention(nnx.Module):
 
   def init_cache(self, batch_size: int, max_length: int) -> Cache:
     """Empty KV cache: [B, L, Hkv, D] keys and values (L = window or max_length), length 0."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-      raise ValueError(f"batch_size: got {batch_size!r}; expected a positive int")
-    if not isinstance(max_length, int) or max_length < 1:
-      raise ValueError(f"max_length: got {max_length!r}; expected a positive int")
+    validation.positive_int("batch_size", batch_size)
+    validation.positive_int("max_length", max_length)
     slots = self.window if self.window is not None else max_length
     shape = (batch_size, slots, self.num_kv_heads, self.head_dim)
     return {"keys": jnp.zeros(shape, self.dtype), "values": jnp.zeros(shape, self.dtype),

@@ -33,7 +33,7 @@ Modules take `dtype` (the compute dtype of matmul inputs and activations) and
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import jax
 
@@ -48,19 +48,8 @@ class MixerOutput(NamedTuple):
   aux: Aux                # scalar losses ("*_loss", already weighted) and metrics
 
 
-class TokenMixer(Protocol):
-  """An L or N layer (see the module docstring)."""
-
-  def init_cache(self, batch_size: int, max_length: int) -> Cache:
-    ...
-
-  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
-               cache: Cache | None = None) -> MixerOutput:
-    ...
-
-
-class ChannelMixer(Protocol):
-  """A dense or MoE MLP: x [B, T, D] -> (y [B, T, D], aux)."""
-
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, Aux]:
-    ...
+class ParamCounts(NamedTuple):
+  """Parameter counts: all of them, and those one token computes with (the top-k of each
+  MoE layer's routed experts)."""
+  total: int
+  active: int

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlin import validation
 from jaxlin.ops import documents
 
 f32 = jnp.float32
@@ -46,11 +47,8 @@ class ShortConv(nnx.Module):
       rngs: nnx.Rngs,
       param_dtype: jnp.dtype = f32,
   ) -> None:
-    if activation not in ACTIVATIONS:
-      raise ValueError(f"unknown activation={activation!r}; allowed: "
-                       f"{sorted(ACTIVATIONS, key=str)}")
-    if kernel_size < 1:
-      raise ValueError(f"kernel_size must be >= 1, got kernel_size={kernel_size}")
+    validation.choice("activation", activation, sorted(ACTIVATIONS, key=str))
+    validation.positive_int("kernel_size", kernel_size)
     self.channels = channels
     self.kernel_size = kernel_size
     self.activation = activation

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlin import validation
+
 f32 = jnp.float32
 
 FEATURE_MAPS = ("identity", "elu", "relu", "swish", "hedgehog", "t2r", "dpfp", "taylor",
@@ -53,8 +55,7 @@ def feature_dim(name: str, head_dim: int) -> int:
 
 def check_name(name: str) -> None:
   """Raises ValueError unless `name` is a known feature map."""
-  if name not in FEATURE_MAPS:
-    raise ValueError(f"unknown feature_map={name!r}; allowed: {FEATURE_MAPS}")
+  validation.choice("feature_map", name, FEATURE_MAPS)
 
 
 def _pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlin import validation
 from jaxlin.ops import documents
 
 f32 = jnp.float32
@@ -53,8 +54,7 @@ class LowRankLogSigmoidGate(nnx.Module):
   def __init__(self, in_features: int, num_heads: int, head_dim: int, *,
                low_rank: int = 16, normalizer: float = 16.0, rngs: nnx.Rngs,
                dtype: jnp.dtype = f32, param_dtype: jnp.dtype = f32) -> None:
-    if normalizer <= 0:
-      raise ValueError(f"normalizer must be > 0, got normalizer={normalizer}")
+    validation.require(normalizer > 0, "normalizer", normalizer, "a number > 0")
     self.num_heads, self.head_dim, self.normalizer = num_heads, head_dim, normalizer
     self.down = _linear(in_features, low_rank, use_bias=False, rngs=rngs, dtype=dtype,
                         param_dtype=param_dtype)
@@ -86,10 +86,9 @@ class Mamba2Decay(nnx.Module):
                dt_max: float = 0.1, dt_floor: float = 1e-4, rngs: nnx.Rngs,
                dtype: jnp.dtype = f32, param_dtype: jnp.dtype = f32) -> None:
     lo, hi = a_init_range
-    if not 0 < lo <= hi:
-      raise ValueError(f"a_init_range must satisfy 0 < lo <= hi, got a_init_range={a_init_range}")
-    if not 0 < dt_min <= dt_max:
-      raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+    validation.require(0 < lo <= hi, "a_init_range", a_init_range, "(lo, hi) with 0 < lo <= hi")
+    validation.require(0 < dt_min <= dt_max, "dt_min, dt_max", (dt_min, dt_max),
+                       "0 < dt_min <= dt_max")
     self.num_heads = num_heads
     self.proj = _linear(in_features, num_heads, use_bias=False, rngs=rngs, dtype=dtype,
                         param_dtype=param_dtype)
@@ -126,9 +125,7 @@ def lightning_log_decay(num_heads: int, layer_index: int = 0, num_layers: int = 
   """Lightning / TransNormerLLM fixed decay per head [H] (log space):
   g_h = -slope_h * (1 - l / (L - 1) + 1e-5), slope_h the ALiBi slopes; the
   first layer decays fastest, the last barely (factor 1e-5). L = 1: factor 1."""
-  if not 0 <= layer_index < max(num_layers, 1):
-    raise ValueError(f"layer_index must be in [0, num_layers={num_layers}), "
-                     f"got layer_index={layer_index}")
+  validation.int_in_range("layer_index", layer_index, 0, max(num_layers, 1) - 1)
   factor = 1.0 if num_layers <= 1 else 1.0 - layer_index / (num_layers - 1) + 1e-5
   return -alibi_slopes(num_heads) * factor
 
@@ -148,8 +145,8 @@ class HGRN2Gate(nnx.Module):
   def __init__(self, in_features: int, num_heads: int, head_dim: int, *,
                lower_bound: float | None = None, rngs: nnx.Rngs,
                dtype: jnp.dtype = f32, param_dtype: jnp.dtype = f32) -> None:
-    if lower_bound is not None and not 0.0 <= lower_bound < 1.0:
-      raise ValueError(f"lower_bound must be in [0, 1), got lower_bound={lower_bound}")
+    validation.require(lower_bound is None or 0.0 <= lower_bound < 1.0, "lower_bound",
+                       lower_bound, "None or a number in [0, 1)")
     self.num_heads, self.head_dim = num_heads, head_dim
     self.lower_bound = 0.0 if lower_bound is None else float(lower_bound)
     self.proj = _linear(in_features, num_heads * head_dim, use_bias=True, rngs=rngs,

@@ -15,15 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlin import validation
 from jaxlin.layers.base import Aux
 
 f32 = jnp.float32
-
-
-def _check_positive_int(name: str, value: object) -> None:
-  """Raises ValueError unless `value` is an int >= 1."""
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"{name}: got {value!r}; expected an int >= 1")
 
 
 def swiglu_param_count(d_model: int, hidden_dim: int) -> int:
@@ -64,8 +59,8 @@ class SwiGLU(nnx.Module):
       rngs: nnx.Rngs,
       init_std: float = 0.02,
   ) -> None:
-    _check_positive_int("d_model", d_model)
-    _check_positive_int("hidden_dim", hidden_dim)
+    validation.positive_int("d_model", d_model)
+    validation.positive_int("hidden_dim", hidden_dim)
     if not init_std >= 0:
       raise ValueError(f"init_std: got {init_std!r}; expected a float >= 0")
     self.d_model = d_model

@@ -47,39 +47,22 @@ k top_k, F expert hidden width, C expert capacity, A = N*k assignments.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlin.layers.base import Aux
+from jaxlin import validation
+from jaxlin.layers.base import Aux, ParamCounts
 from jaxlin.layers.mlp import SwiGLU, swiglu_param_count
+from jaxlin.layers.routing import (SCORINGS, Routing, load_balance_loss, route,
+                                  router_z_loss)
 
 f32 = jnp.float32
-SCORINGS = ("softmax_topk", "topk_softmax")
 DISPATCHES = ("dropless", "capacity")
 
 
-class Routing(NamedTuple):
-  """The router's decision for N tokens (all float32 / int32)."""
-  logits: jax.Array   # [N, E] router logits l
-  probs: jax.Array    # [N, E] softmax(l) over all experts
-  weights: jax.Array  # [N, k] combine weights w of the chosen experts
-  experts: jax.Array  # [N, k] int32 chosen experts, best first
-
-
-class ParamCounts(NamedTuple):
-  """Parameter counts of one MoE layer: all of them, and those one token uses."""
-  total: int
-  active: int
-
-
 # ----------------------------------------------------------------------------- helpers
-def _is_int(value: object) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_config(d_model: int, num_experts: int, top_k: int, expert_hidden_dim: int,
                   scoring: str, num_shared_experts: int, shared_hidden_dim: int | None,
                   shared_gate: bool, aux_loss_coef: float, z_loss_coef: float,
@@ -87,33 +70,26 @@ def _check_config(d_model: int, num_experts: int, top_k: int, expert_hidden_dim:
   """Raises ValueError naming the argument, its value and what is allowed."""
   for name, value in (("d_model", d_model), ("num_experts", num_experts),
                       ("expert_hidden_dim", expert_hidden_dim)):
-    if not _is_int(value) or value < 1:
-      raise ValueError(f"{name}: got {value!r}; expected an int >= 1")
-  if not _is_int(top_k) or not 1 <= top_k <= num_experts:
-    raise ValueError(f"top_k: got {top_k!r}; expected an int in "
-                     f"[1, num_experts={num_experts}]")
-  if scoring not in SCORINGS:
-    raise ValueError(f"scoring: got {scoring!r}; expected one of {SCORINGS}")
-  if dispatch not in DISPATCHES:
-    raise ValueError(f"dispatch: got {dispatch!r}; expected one of {DISPATCHES}")
+    validation.positive_int(name, value)
+  validation.require(validation.is_int(top_k) and 1 <= top_k <= num_experts, "top_k", top_k,
+                     f"an int in [1, num_experts={num_experts}]")
+  validation.choice("scoring", scoring, SCORINGS)
+  validation.choice("dispatch", dispatch, DISPATCHES)
   if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) \
       or not capacity_factor > 0 or not math.isfinite(capacity_factor):
     raise ValueError(f"capacity_factor: got {capacity_factor!r}; expected a finite "
                      "number > 0 (capacity C = ceil(capacity_factor * tokens * "
                      "top_k / num_experts))")
-  if not _is_int(num_shared_experts) or num_shared_experts < 0:
-    raise ValueError(f"num_shared_experts: got {num_shared_experts!r}; expected an "
-                     "int >= 0")
-  if shared_hidden_dim is not None and (not _is_int(shared_hidden_dim)
-                                        or shared_hidden_dim < 1):
-    raise ValueError(f"shared_hidden_dim: got {shared_hidden_dim!r}; expected None "
-                     "(= expert_hidden_dim) or an int >= 1")
+  validation.non_negative_int("num_shared_experts", num_shared_experts)
+  validation.require(shared_hidden_dim is None or (validation.is_int(shared_hidden_dim)
+                                                   and shared_hidden_dim >= 1),
+                     "shared_hidden_dim", shared_hidden_dim,
+                     "None (= expert_hidden_dim) or an int >= 1")
   if shared_gate and num_shared_experts == 0:
     raise ValueError("shared_gate: got True with num_shared_experts=0; a gate "
                      "needs shared experts (num_shared_experts >= 1)")
-  for name, value in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef)):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-      raise ValueError(f"{name}: got {value!r}; expected a number >= 0")
+  validation.non_negative("aux_loss_coef", aux_loss_coef)
+  validation.non_negative("z_loss_coef", z_loss_coef)
 
 
 def moe_param_counts(d_model: int, *, num_experts: int, top_k: int,
@@ -149,32 +125,6 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int,
   """
   raw = math.ceil(round(capacity_factor * num_tokens * top_k / num_experts, 9))
   return max(1, min(num_tokens, raw))
-
-
-def route(logits: jax.Array, top_k: int, scoring: str) -> Routing:
-  """Top-k routing from float32 logits [N, E] (see the module docstring)."""
-  logits = logits.astype(f32)
-  probs = jax.nn.softmax(logits, axis=-1)
-  if scoring == "softmax_topk":
-    weights, experts = jax.lax.top_k(probs, top_k)
-  elif scoring == "topk_softmax":
-    top_logits, experts = jax.lax.top_k(logits, top_k)
-    weights = jax.nn.softmax(top_logits, axis=-1)
-  else:
-    raise ValueError(f"scoring: got {scoring!r}; expected one of {SCORINGS}")
-  return Routing(logits, probs, weights, experts.astype(jnp.int32))
-
-
-def load_balance_loss(routing: Routing, num_experts: int) -> jax.Array:
-  """Switch loss E * sum_e f_e P_e; f_e = share of the N*k assignments, P_e = mean p_e."""
-  counts = jnp.bincount(routing.experts.reshape(-1), length=num_experts)
-  fraction = counts.astype(f32) / routing.experts.size
-  return num_experts * jnp.sum(fraction * jnp.mean(routing.probs, axis=0))
-
-
-def router_z_loss(logits: jax.Array) -> jax.Array:
-  """mean over tokens of logsumexp(l)^2 (ST-MoE router z-loss)."""
-  return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(f32), axis=-1)))
 
 
 def _sort_by_expert(experts: jax.Array, num_experts: int

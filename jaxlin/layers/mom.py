@@ -1,6 +1,7 @@
 """Mixture-of-Memories (MoM, arXiv 2502.13685) over a GLA or Gated DeltaNet core.
 
-Router (float32), for token x_t with M routed memories and top_k = k:
+Router (float32, `jaxlin.layers.routing` "topk_softmax"), for token x_t with M
+routed memories and top_k = k:
 
     p_t = softmax(x_t W_r)                      [M]
     (w_t, m_t) = top_k(p_t),  w_t <- w_t / sum(w_t)      (renormalised over the k)
@@ -56,11 +57,17 @@ from jaxlin import ops
 from jaxlin.layers.base import Aux, Cache, MixerOutput
 from jaxlin.layers.conv import ShortConv
 from jaxlin.layers.gates import LowRankLogSigmoidGate, Mamba2Decay
+from jaxlin.layers import routing
 from jaxlin.layers.norm import GatedRMSNorm, l2_normalise
 from jaxlin.ops import arguments, documents
 
 f32 = jnp.float32
 CORES = ("gla", "gated_deltanet")
+
+
+def cores() -> tuple[str, ...]:
+  """The variants a MoM layer runs over."""
+  return CORES
 
 
 def _is_int(value: object) -> bool:
@@ -92,28 +99,6 @@ def _check_config(d_model: int, num_heads: int, core: str, num_memories: int, to
   arguments.check_chunk_size(chunk_size)
   if impl not in arguments.IMPLS:
     raise ValueError(f"impl: got {impl!r}; expected one of {arguments.IMPLS}")
-
-
-def route(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Router: p = softmax(l) (float32), (w, m) = top_k(p), w <- w / sum(w).
-
-  logits [B, T, M] -> (p [B, T, M], memories [B, T, k] int32, weights [B, T, k]).
-  """
-  probs = jax.nn.softmax(logits.astype(f32), axis=-1)
-  top, memories = jax.lax.top_k(probs, top_k)
-  return probs, memories.astype(jnp.int32), top / jnp.sum(top, axis=-1, keepdims=True)
-
-
-def load_balance_loss(probs: jax.Array, memories: jax.Array) -> jax.Array:
-  """Switch-style M * sum_m f_m P_m (without the coefficient).
-
-  probs [B, T, M]; memories [B, T, k]. f_m = #(assignments to m) / (B T k),
-  P_m = mean over tokens of p_m; equals 1 for a perfectly balanced router.
-  """
-  num = probs.shape[-1]
-  f = jnp.mean(jax.nn.one_hot(memories, num, dtype=f32), axis=(0, 1, 2))
-  p = jnp.mean(probs, axis=(0, 1))
-  return num * jnp.sum(f * p)
 
 
 class _Copies:
@@ -292,9 +277,10 @@ class MixtureOfMemories(nnx.Module):
     arguments.check_segment_ids(segment_ids, batch, time)
     heads, hd, slots = self.num_heads, self.head_dim, self.num_slots
 
-    probs, memories, weights = route(self.router_logits(x), self.top_k)
+    routed = routing.route(self.router_logits(x), self.top_k, "topk_softmax")
+    memories, weights = routed.experts, routed.weights
     aux: Aux = {"mom_load_balance_loss":
-                self.aux_loss_coef * load_balance_loss(probs, memories)}
+                self.aux_loss_coef * routing.load_balance_loss(routed, self.num_memories)}
     if self.shared_memory:
       memories = jnp.concatenate(
           [memories, jnp.full((batch, time, 1), self.num_memories, jnp.int32)], axis=-1)

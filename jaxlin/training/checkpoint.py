@@ -25,6 +25,8 @@ import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 
+from jaxlin import validation
+
 class CheckpointMismatchError(ValueError):
   """The checkpoint in the work directory does not fit the model the config builds."""
 
@@ -74,8 +76,7 @@ class Checkpointer:
   """Saves and restores (params, opt_state, data iterator, meta) under `<workdir>/checkpoints`."""
 
   def __init__(self, workdir: str, *, max_to_keep: int) -> None:
-    if max_to_keep < 1:
-      raise ValueError(f"checkpoint.max_to_keep={max_to_keep!r}: expected an int >= 1")
+    validation.positive_int("checkpoint.max_to_keep", max_to_keep)
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True,

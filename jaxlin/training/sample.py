@@ -19,7 +19,7 @@ import ml_collections
 from flax import nnx
 
 from jaxlin import data as data_lib
-from jaxlin import generate
+from jaxlin import generate, validation
 from jaxlin.config import model_config_for
 from jaxlin.training import steps
 from jaxlin.training.checkpoint import Checkpointer
@@ -44,10 +44,9 @@ def sample_text(model: nnx.Module, tokenizer: Any, config: ml_collections.Config
   ids = tokenizer.encode(prompt)
   if not ids:
     raise ValueError(f"sample.prompt={prompt!r} encodes to no tokens; give a non-empty prompt")
-  if not 0 <= config.temperature:
-    raise ValueError(f"sample.temperature={config.temperature!r}: expected >= 0 (0: greedy)")
-  if not 0 < config.top_p <= 1:
-    raise ValueError(f"sample.top_p={config.top_p!r}: expected in (0, 1]")
+  validation.require(config.temperature >= 0, "sample.temperature", config.temperature,
+                     "a number >= 0 (0: greedy)")
+  validation.require(0 < config.top_p <= 1, "sample.top_p", config.top_p, "a number in (0, 1]")
   num = max(int(config.num_samples), 1)
   prompt_BP = jnp.tile(jnp.asarray(ids, jnp.int32)[None], (num, 1))
   out = generate.generate(

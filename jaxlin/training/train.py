@@ -34,6 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlin import data as data_lib
+from jaxlin import validation
 from jaxlin.config import ModelConfig, model_config_for
 from jaxlin.training import metrics as metrics_lib
 from jaxlin.training import optim, plot, sample, steps
@@ -59,41 +60,31 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------- configuration
-def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
-  """Raises ValueError naming the field, its value and what is allowed."""
-  if not ok:
-    raise ValueError(f"{field}={value!r}: expected {allowed}")
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks the run-level fields (data / model / optimizer check their own)."""
-  _require(isinstance(config.workdir, str) and config.workdir != "", "workdir", config.workdir,
+  validation.require(isinstance(config.workdir, str) and config.workdir != "", "workdir", config.workdir,
            "a directory path (set --config.workdir=...)")
-  _require(_is_int(config.seed), "seed", config.seed, "an int")
+  validation.require(validation.is_int(config.seed), "seed", config.seed, "an int")
   t, c, e, g = config.train, config.checkpoint, config.eval, config.logging
-  _require(_is_int(t.num_steps) and t.num_steps >= 1, "train.num_steps", t.num_steps, "an int >= 1")
-  _require(_is_int(t.accumulation_steps) and t.accumulation_steps >= 1,
+  validation.require(validation.is_int(t.num_steps) and t.num_steps >= 1, "train.num_steps", t.num_steps, "an int >= 1")
+  validation.require(validation.is_int(t.accumulation_steps) and t.accumulation_steps >= 1,
            "train.accumulation_steps", t.accumulation_steps, "an int >= 1")
-  _require(_is_int(c.every_steps) and c.every_steps >= 0, "checkpoint.every_steps",
+  validation.require(validation.is_int(c.every_steps) and c.every_steps >= 0, "checkpoint.every_steps",
            c.every_steps, "an int >= 0 (0: only at the end and on a signal)")
-  _require(_is_int(c.max_to_keep) and c.max_to_keep >= 1, "checkpoint.max_to_keep",
+  validation.require(validation.is_int(c.max_to_keep) and c.max_to_keep >= 1, "checkpoint.max_to_keep",
            c.max_to_keep, "an int >= 1")
-  _require(_is_int(e.every_steps) and e.every_steps >= 0, "eval.every_steps", e.every_steps,
+  validation.require(validation.is_int(e.every_steps) and e.every_steps >= 0, "eval.every_steps", e.every_steps,
            "an int >= 0 (0: only at the end)")
-  _require(_is_int(e.num_batches) and e.num_batches >= 1, "eval.num_batches", e.num_batches,
+  validation.require(validation.is_int(e.num_batches) and e.num_batches >= 1, "eval.num_batches", e.num_batches,
            "an int >= 1")
-  _require(_is_int(g.every_steps) and g.every_steps >= 1, "logging.every_steps",
+  validation.require(validation.is_int(g.every_steps) and g.every_steps >= 1, "logging.every_steps",
            g.every_steps, "an int >= 1")
-  _require(g.tensorboard in ("auto", True, False), "logging.tensorboard", g.tensorboard,
+  validation.require(g.tensorboard in ("auto", True, False), "logging.tensorboard", g.tensorboard,
            '"auto", True or False')
   per_device, devices = config.data.batch_size, jax.device_count()
-  _require(per_device % devices == 0, "data.batch_size", per_device,
+  validation.require(per_device % devices == 0, "data.batch_size", per_device,
            f"a multiple of the {devices} devices")
-  _require(per_device % t.accumulation_steps == 0, "data.batch_size", per_device,
+  validation.require(per_device % t.accumulation_steps == 0, "data.batch_size", per_device,
            f"a multiple of train.accumulation_steps={t.accumulation_steps}")
 
 

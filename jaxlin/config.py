@@ -112,8 +112,8 @@ class ModelConfig:
   def __post_init__(self) -> None:
     for name in ("linear_options", "mom_options", "moe_options"):
       value = getattr(self, name)
-      if not isinstance(value, Mapping):
-        raise ValueError(f"{name} must be a mapping of keyword arguments, got {value!r}")
+      validation.require(isinstance(value, Mapping), name, value,
+                         "a mapping of keyword arguments")
       # an immutable, hashable view: the config can be a static jit argument
       object.__setattr__(self, name, _FrozenDict(value))
     self.validate()

@@ -525,19 +525,19 @@ def test_validation_paths_and_errors(tmp_path: Any) -> None:
   with pytest.raises(ValueError, match=r"there is no validation split: data.validation_paths='' "
                      r"and data.validation_fraction=0.0 holds out no documents"):
     none.validation_batches(1)
-  with pytest.raises(ValueError, match=r"num_batches=0 must be an integer >= 1"):
+  with pytest.raises(ValueError, match=r"num_batches: got 0; expected an int >= 1"):
     built.validation_batches(0)
 
 
 @pytest.mark.parametrize("fields, process_count, message", [
     ({"seq_len": 0}, 1, r"data.seq_len: got 0; expected an int >= 1"),
-    ({"batch_size": 16}, 3, r"data.batch_size=16 must be divisible by the process count 3"),
+    ({"batch_size": 16}, 3, r"data.batch_size: got 16; expected a multiple of the process count 3"),
     ({"batch_size": 2.5}, 1, r"data.batch_size: got 2.5; expected an int >= 1"),
-    ({"validation_fraction": 1.0}, 1, r"data.validation_fraction=1.0 must be a number in \[0, 1\)"),
+    ({"validation_fraction": 1.0}, 1, r"data.validation_fraction: got 1.0; expected a number in \[0, 1\)"),
     ({"shuffle_seed": -1}, 1, r"data.shuffle_seed: got -1; expected an int in \[0, 4294967295\]"),
     ({"worker_count": -1}, 1, r"data.worker_count: got -1; expected an int >= 0"),
     ({"piece_chars": -5}, 1, r"data.piece_chars: got -5; expected an int >= 0"),
-    ({"text_field": ""}, 1, r"data.text_field='' must be a non-empty string"),
+    ({"text_field": ""}, 1, r"data.text_field: got ''; expected a non-empty string"),
     ({"source": "csv"}, 1, r"data.source: got 'csv'; expected one of \('shakespeare', 'text'"),
     ({"paths": "my.txt"}, 1, r"data.paths='my.txt' is set but data.source='shakespeare' reads no "
      r"files; use a file source"),

@@ -130,8 +130,8 @@ def test_validation_batches_are_the_validation_examples_in_order() -> None:
      r".* >= 2 \* num_kv_pairs \+ 2 = 14"),
     (40, {"num_kv_pairs": 0}, r"data.mqar.num_kv_pairs: got 0; expected an int >= 1"),
     (40, {"num_train_examples": 0}, r"data.mqar.num_train_examples: got 0; expected an int >= 1"),
-    (40, {"num_validation_examples": -1}, r"data.mqar.num_validation_examples=-1 must be an "
-     r"integer >= 0"),
+    (40, {"num_validation_examples": -1}, r"data.mqar.num_validation_examples: got -1; expected an "
+     r"int >= 0"),
     (40, {"seed": -3}, r"data.mqar.seed: got -3; expected an int >= 0"),
     (40, {"power_a": 0.0}, r"data.mqar.power_a: got 0.0; expected a number > 0"),
 ])

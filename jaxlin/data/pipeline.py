@@ -90,8 +90,7 @@ class Data:
 
   def validation_batches(self, num_batches: int) -> list[dict[str, np.ndarray]]:
     """The first min(num_batches, available) fixed validation batches of this process."""
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-      raise ValueError(f"num_batches={num_batches!r} must be an integer >= 1")
+    validation.positive_int("num_batches", num_batches)
     if self._validation is None:
       raise ValueError(f"there is no validation split: {self._no_validation}")
     rows = list(itertools.islice(iter(self._validation), num_batches * self.batch_size))
@@ -158,17 +157,16 @@ def _check(config: ml_collections.ConfigDict, process_index: int, process_count:
                      "process_index", process_index, f"an int in [0, process_count={process_count})")
   _int(config, "seq_len", 1)
   batch_size = _int(config, "batch_size", 1)
-  if batch_size % process_count:
-    raise ValueError(f"data.batch_size={batch_size} must be divisible by the process count "
-                     f"{process_count}")
+  validation.require(batch_size % process_count == 0, "data.batch_size", batch_size,
+                     f"a multiple of the process count {process_count}")
   _int(config, "shuffle_seed", 0, 2**32 - 1)
   _int(config, "worker_count", 0)
   _int(config, "piece_chars", 0)
   fraction = config.validation_fraction
-  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-    raise ValueError(f"data.validation_fraction={fraction!r} must be a number in [0, 1)")
-  if not isinstance(config.text_field, str) or not config.text_field:
-    raise ValueError(f"data.text_field={config.text_field!r} must be a non-empty string")
+  validation.require(validation.non_negative("data.validation_fraction", fraction) < 1,
+                     "data.validation_fraction", fraction, "a number in [0, 1)")
+  validation.require(isinstance(config.text_field, str) and bool(config.text_field),
+                     "data.text_field", config.text_field, "a non-empty string")
   if config.source in ("shakespeare", "mqar"):
     for name in ("paths", "validation_paths"):
       if config[name]:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlin import validation
-from jaxlin.layers import feature_maps, linear_attention, moe, mom, routing
+from jaxlin.layers import feature_maps, linear_attention, moe, routing
 from jaxlin.ops import arguments
 from jaxlin.ops import attention as attention_ops
 
@@ -76,7 +76,7 @@ class ModelConfig:
   chunk_size: int = 64                 # of the chunked ops: a multiple of 16 in [16, 256]
   impl: str = "auto"                   # of the linear ops
   linear_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  mom_core: str = "gla"                # "gla" or "gated_deltanet"
+  mom_core: str = "gla"                # the core: any linear_variant (the paper: gla, gated_deltanet)
   mom_num_memories: int = 4
   mom_top_k: int = 2
   mom_shared_memory: bool = True
@@ -216,7 +216,7 @@ class ModelConfig:
         if self.feature_map is not None:
           validation.choice("feature_map", self.feature_map, tuple(feature_maps.FEATURE_MAPS))
       else:
-        validation.choice("mom_core", self.mom_core, mom.cores())
+        validation.choice("mom_core", self.mom_core, tuple(linear_attention.VARIANTS))
         validation.require(self.mom_top_k <= self.mom_num_memories, "mom_top_k", self.mom_top_k,
                            f"an int in [1, mom_num_memories={self.mom_num_memories}]")
     validation.require(self.moe_every <= self.num_layers, "moe_every", self.moe_every,

@@ -58,7 +58,8 @@ def build_token_mixer(config: ModelConfig, index: int, *, rngs: nnx.Rngs) -> nnx
         head_dim=config.linear_head_dim,
         use_short_conv=True if config.use_short_conv is None else config.use_short_conv,
         conv_size=config.conv_size, chunk_size=config.chunk_size, impl=config.impl,
-        init_std=config.init_std, rngs=rngs, **dtypes, **config.mom_options)
+        init_std=config.init_std, layer_index=index, num_layers=config.num_layers,
+        rope_theta=config.rope_theta, rngs=rngs, **dtypes, **config.mom_options)
   # LinearAttention initialises its projections itself (nnx.Linear defaults)
   return LinearAttention(
       config.d_model, config.num_heads, variant=config.linear_variant,

@@ -198,7 +198,7 @@ def test_config_errors_name_argument_and_allowed_values() -> None:
       (dict(d_model=12, num_heads=4), r"head_dim: got 3"),
       (dict(d_model=16, num_heads=4, window=0), r"window: got 0; expected None or an int >= 1"),
       (dict(d_model=16, num_heads=4, impl="flash"), r"impl: got 'flash'; expected one of"),
-      (dict(d_model=16, num_heads=0), r"num_heads: got 0; expected a positive int"),
+      (dict(d_model=16, num_heads=0), r"num_heads: got 0; expected an int >= 1"),
   ]
   for kw, pattern in cases:
     with pytest.raises(ValueError, match=pattern):

@@ -304,10 +304,11 @@ def test_gate_modules_are_log_space() -> None:
   @functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS)
   def run(x):
     gla, mamba, hgrn, rwkv = modules
-    return (gla(x), mamba.with_step_size(x), hgrn(x), rwkv(x),
-            gates.shift_tokens(x, x[:, 0] + 1.0, seg))
+    return (gla(x), mamba(x), hgrn(x), rwkv(x), gates.shift_tokens(x, x[:, 0] + 1.0, seg))
 
-  g_gla, (g_mamba, dt), (g_hgrn, k_hgrn), g_rwkv, shifted = run(x)
+  out_gla, out_mamba, out_hgrn, out_rwkv, shifted = run(x)
+  g_gla, (g_mamba, dt), (g_hgrn, k_hgrn), g_rwkv = (
+      out_gla.g, (out_mamba.g, out_mamba.dt), (out_hgrn.g, out_hgrn.keys), out_rwkv.g)
   assert g_gla.shape == (2, 5, H, 4) and bool(jnp.all(g_gla <= 0))
   assert bool(jnp.all(g_gla >= jnp.log(jax.nn.sigmoid(-50.0)) / 16))
   assert g_mamba.shape == dt.shape == (2, 5, H)
@@ -361,12 +362,12 @@ def test_every_feature_map_in_basic_linear_attention() -> None:
 
 # ---------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("kwargs, match", [
-    ({"variant": "gla2"}, r"variant='gla2'.*allowed.*'gla'"),
+    ({"variant": "gla2"}, r"variant: got 'gla2'; expected one of .*'gla'"),
     ({"variant": "bla", "feature_map": "cosine"}, r"feature_map: got 'cosine'; expected one of .*'hedgehog'"),
-    ({"variant": "gla", "num_heads": 3}, r"num_heads=3 does not divide d_model=32"),
-    ({"variant": "gla", "num_heads": 0}, r"num_heads must be a positive int"),
-    ({"variant": "gla", "key_dim": -2}, r"key_dim must be a positive int, got key_dim=-2"),
-    ({"variant": "hgrn2", "feature_map": "dpfp"}, r"feature_map='dpfp'"),
+    ({"variant": "gla", "num_heads": 3}, r"num_heads: got 3; expected a divisor of d_model=32"),
+    ({"variant": "gla", "num_heads": 0}, r"num_heads: got 0; expected an int >= 1"),
+    ({"variant": "gla", "key_dim": -2}, r"key_dim: got -2; expected an int >= 1"),
+    ({"variant": "hgrn2", "feature_map": "dpfp"}, r"feature_map: got 'dpfp'; expected one of"),
     ({"variant": "retention", "feature_map": "taylor", "key_dim": 1}, r"use_rope.*even"),
 ])
 def test_config_errors(kwargs: dict, match: str) -> None:
@@ -378,7 +379,7 @@ def test_config_errors(kwargs: dict, match: str) -> None:
 def test_call_errors() -> None:
   layer = LinearAttention(D, H, variant="bla", rngs=nnx.Rngs(0))
   x = jnp.zeros((1, 3, D))
-  with pytest.raises(ValueError, match="segment_ids with a cache"):
+  with pytest.raises(ValueError, match="segment_ids: got an array with a cache; expected None"):
     layer(x, segment_ids=jnp.zeros((1, 3), jnp.int32), cache=layer.init_cache(1, 3))
   with pytest.raises(ValueError, match="d_model=32"):
     layer(jnp.zeros((1, 3, 16)))

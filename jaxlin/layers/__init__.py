@@ -17,32 +17,46 @@ __all__ = [
     "rope_frequencies",
 ]
 
-# gate parametrisations of the linear-attention layers (DESIGN.md §5)
+# gate parametrisations of the linear-attention layers and their registry
 from jaxlin.layers.gates import (
+    GATES,
+    FixedDecay,
+    GateContext,
+    GateOut,
+    GateSpec,
     HGRN2Gate,
     LowRankLogSigmoidGate,
     Mamba2Decay,
     RWKV6Decay,
     RWKV6TokenShift,
+    NoGate,
     alibi_slopes,
     lightning_log_decay,
+    register_gate,
     retention_log_decay,
     shift_tokens,
 )
 
 __all__ += [
+    "GATES",
+    "FixedDecay",
+    "GateContext",
+    "GateOut",
+    "GateSpec",
     "HGRN2Gate",
     "LowRankLogSigmoidGate",
     "Mamba2Decay",
     "RWKV6Decay",
     "RWKV6TokenShift",
+    "NoGate",
     "alibi_slopes",
     "lightning_log_decay",
+    "register_gate",
     "retention_log_decay",
     "shift_tokens",
 ]
 
-# channel mixers: dense SwiGLU MLP and Mixture-of-Experts (DESIGN.md §5)
+# channel mixers: dense SwiGLU MLP and Mixture-of-Experts 
 from jaxlin.layers.mlp import SwiGLU, swiglu_param_count
 from jaxlin.layers.base import ParamCounts
 from jaxlin.layers.moe import MoE, expert_capacity, moe_param_counts
@@ -69,19 +83,22 @@ __all__ += [
     "document_positions",
 ]
 
-# Mixture-of-Memories over a GLA / Gated DeltaNet core (DESIGN.md §5)
+# Mixture-of-Memories over any linear-attention variant as its core
 from jaxlin.layers.mom import MixtureOfMemories
 
 __all__ += ["MixtureOfMemories"]
 
-# linear-attention token mixer (every L variant) and its feature maps (DESIGN.md §5)
+# linear-attention token mixer (every L variant) and its feature maps 
 from jaxlin.layers.feature_maps import FEATURE_MAPS, FeatureMap
-from jaxlin.layers.linear_attention import VARIANTS, LinearAttention, Variant
+from jaxlin.layers.linear_attention import (VARIANTS, LinearAttention, OpStages, Variant,
+                                            register_variant)
 
 __all__ += [
     "FEATURE_MAPS",
     "FeatureMap",
     "LinearAttention",
+    "OpStages",
     "VARIANTS",
     "Variant",
+    "register_variant",
 ]

@@ -53,3 +53,15 @@ class ParamCounts(NamedTuple):
   MoE layer's routed experts)."""
   total: int
   active: int
+
+
+def check_mixer_call(x: jax.Array, d_model: int, segment_ids: jax.Array | None,
+                     cache: Cache | None) -> None:
+  """The argument checks every token mixer's call shares (x [B, T, D]; no segment ids
+  with a cache)."""
+  if x.ndim != 3 or x.shape[-1] != d_model:
+    raise ValueError(f"x: got shape {tuple(x.shape)}; expected [B, T, D] with "
+                     f"D = d_model={d_model}")
+  if cache is not None and segment_ids is not None:
+    raise ValueError("segment_ids: got an array with a cache; expected None (a cache holds "
+                     "one sequence per batch row)")

@@ -1,6 +1,8 @@
-"""Gate parametrisations of the linear-attention layers (DESIGN.md §5).
+"""Gate parametrisations of the linear-attention layers, and their registry `GATES`.
 
-Every gate is returned in log space, g <= 0 (decay = exp(g)), float32:
+Every gate module maps its input x [..., D] (the token's "w" mix: x itself, or RWKV6's
+token-shifted mix) to one `GateOut`: the log-space gate g <= 0 (decay = exp(g)),
+float32, and what else the gate gives the layer (Mamba2's step size dt, HGRN2's keys):
 
   GLA (low-rank logsigmoid, per key dim)   g = logsigmoid(W2 W1 x + b) / tau       tau = 16
   Mamba2 / Gated DeltaNet / Comba (scalar) g = -exp(A_log) * softplus(W x + dt_bias)
@@ -11,11 +13,10 @@ Every gate is returned in log space, g <= 0 (decay = exp(g)), float32:
   RWKV6 token shift (data-dependent lerp)  x_n = x + (x_{t-1} - x) * mu_n
                                            mu_n = bias_n + W2_n tanh(W1 (x + (x_{t-1} - x) mu_x))
 
-Stable constructor signatures (imported by other layer families, e.g. MoM):
-  LowRankLogSigmoidGate(in_features, num_heads, head_dim, *, low_rank=16, normalizer=16.0,
-                        rngs, dtype=f32, param_dtype=f32)      x [..., D] -> g [..., H, K]
-  Mamba2Decay(in_features, num_heads, *, a_init_range=(1, 16), dt_min=1e-3, dt_max=0.1,
-              dt_floor=1e-4, rngs, dtype=f32, param_dtype=f32) x [..., D] -> g [..., H]
+`GATES` maps a gate name (a variant row's `gate`) to a `GateSpec`: how to build the
+module for a layer (`GateContext`: sizes, position in the stack, options, dtypes) and
+whether its g has a key axis. `LinearAttention` and `MixtureOfMemories` build every gate
+through it; `register_gate` adds one (a test registers a toy gate at run time).
 
 Legend: B batch, T time, D model width, H heads, K key dim per head, R low rank,
 n the index of a token-shift mix.
@@ -23,7 +24,9 @@ n the index of a token-shift mix.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +36,13 @@ from jaxlin import validation
 from jaxlin.ops import documents
 
 f32 = jnp.float32
+
+
+class GateOut(NamedTuple):
+  """What a gate gives the layer for every token (float32)."""
+  g: jax.Array | None              # log decay <= 0: [..., H] or [..., H, K]; None: no decay
+  dt: jax.Array | None = None      # Mamba2's step size [..., H] (scales the values)
+  keys: jax.Array | None = None    # keys tied to the gate [..., H, K] (HGRN2: 1 - f)
 
 
 def _linear(in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs,
@@ -61,11 +71,11 @@ class LowRankLogSigmoidGate(nnx.Module):
     self.up = _linear(low_rank, num_heads * head_dim, use_bias=True, rngs=rngs, dtype=dtype,
                       param_dtype=param_dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x [..., D] -> g [..., H, K] float32 (<= 0)."""
+  def __call__(self, x: jax.Array) -> GateOut:
+    """x [..., D] -> GateOut(g [..., H, K] float32 <= 0)."""
     logits = self.up(self.down(x)).astype(f32)
     g = jax.nn.log_sigmoid(logits) / self.normalizer
-    return g.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+    return GateOut(g.reshape(*x.shape[:-1], self.num_heads, self.head_dim))
 
 
 def inverse_softplus(y: jax.Array) -> jax.Array:
@@ -78,7 +88,7 @@ class Mamba2Decay(nnx.Module):
 
   A = exp(A_log) starts uniform in `a_init_range`; dt_bias is the inverse
   softplus of dt ~ log-uniform in [dt_min, dt_max] (floored at dt_floor), as in
-  Mamba2. `with_step_size` also returns dt (Mamba2 scales its input by dt).
+  Mamba2. The output also carries dt (Mamba2 scales its input by dt).
   """
 
   def __init__(self, in_features: int, num_heads: int, *,
@@ -98,14 +108,10 @@ class Mamba2Decay(nnx.Module):
     dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     self.dt_bias = nnx.Param(inverse_softplus(jnp.maximum(dt, dt_floor)).astype(param_dtype))
 
-  def with_step_size(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x [..., D] -> (g [..., H] <= 0, dt [..., H] > 0), float32."""
+  def __call__(self, x: jax.Array) -> GateOut:
+    """x [..., D] -> GateOut(g [..., H] <= 0, dt [..., H] > 0), float32."""
     dt = jax.nn.softplus(self.proj(x).astype(f32) + self.dt_bias[...].astype(f32))
-    return -jnp.exp(self.A_log[...].astype(f32)) * dt, dt
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x [..., D] -> g [..., H] float32 (<= 0)."""
-    return self.with_step_size(x)[0]
+    return GateOut(-jnp.exp(self.A_log[...].astype(f32)) * dt, dt=dt)
 
 
 def alibi_slopes(num_heads: int) -> jax.Array:
@@ -152,15 +158,15 @@ class HGRN2Gate(nnx.Module):
     self.proj = _linear(in_features, num_heads * head_dim, use_bias=True, rngs=rngs,
                         dtype=dtype, param_dtype=param_dtype)
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x [..., D] -> (g [..., H, K] <= 0, k [..., H, K] in (0, 1]), float32."""
+  def __call__(self, x: jax.Array) -> GateOut:
+    """x [..., D] -> GateOut(g [..., H, K] <= 0, keys k [..., H, K] in (0, 1]), float32."""
     f = self.proj(x).astype(f32).reshape(*x.shape[:-1], self.num_heads, self.head_dim)
     lb = self.lower_bound
     if lb == 0.0:
       g = jax.nn.log_sigmoid(f)
     else:
       g = jnp.log(lb + (1.0 - lb) * jax.nn.sigmoid(f))
-    return g, (1.0 - lb) * jax.nn.sigmoid(-f)
+    return GateOut(g, keys=(1.0 - lb) * jax.nn.sigmoid(-f))
 
 
 def shift_tokens(x: jax.Array, previous: jax.Array | None = None,
@@ -228,7 +234,85 @@ class RWKV6Decay(nnx.Module):
     ramp = jnp.linspace(0.0, 1.0, head_dim, dtype=f32) ** 1.5
     self.bias = nnx.Param(jnp.tile(-6.0 + 5.0 * ramp, num_heads).astype(param_dtype))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x [..., D] (the decay's token-shift mix) -> g [..., H, K] float32 (<= 0)."""
+  def __call__(self, x: jax.Array) -> GateOut:
+    """x [..., D] (the decay's token-shift mix) -> GateOut(g [..., H, K] float32 <= 0)."""
     w = self.up(jnp.tanh(self.down(x))).astype(f32) + self.bias[...].astype(f32)
-    return -jnp.exp(w).reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+    return GateOut(-jnp.exp(w).reshape(*x.shape[:-1], self.num_heads, self.head_dim))
+
+
+class FixedDecay(nnx.Module):
+  """A data-independent decay per head (Lightning, Retention): g [..., H] = log_decay."""
+
+  def __init__(self, log_decay: jax.Array) -> None:
+    self.log_decay = tuple(float(a) for a in log_decay)   # static: no parameter
+
+  def __call__(self, x: jax.Array) -> GateOut:
+    """x [..., D] -> GateOut(g [..., H] float32 <= 0, the same for every token)."""
+    decay = jnp.asarray(self.log_decay, f32)
+    return GateOut(jnp.broadcast_to(decay, (*x.shape[:-1], decay.shape[0])))
+
+
+class NoGate(nnx.Module):
+  """No decay (basic linear attention, Based, DeltaNet): GateOut(None)."""
+
+  def __call__(self, x: jax.Array) -> GateOut:
+    del x
+    return GateOut(None)
+
+
+# ------------------------------------------------------------------ registry
+@dataclasses.dataclass(frozen=True)
+class GateContext:
+  """What a gate's builder may use: the layer's sizes, its place in the stack, the
+  layer's gate options (`LinearAttention`'s gate keyword arguments) and dtypes."""
+  d_model: int
+  num_heads: int
+  key_dim: int
+  layer_index: int
+  num_layers: int
+  options: Mapping[str, Any]
+  rngs: nnx.Rngs
+  dtype: Any = f32
+  param_dtype: Any = f32
+
+  @property
+  def dtypes(self) -> dict[str, Any]:
+    return {"dtype": self.dtype, "param_dtype": self.param_dtype}
+
+
+@dataclasses.dataclass(frozen=True)
+class GateSpec:
+  """One gate of `GATES`: `build(context) -> module` with `module(x [..., D]) -> GateOut`."""
+  build: Callable[[GateContext], nnx.Module]
+  per_key: bool = False          # g has a key axis [..., H, K] (else [..., H] or None)
+  gives_keys: bool = False       # GateOut.keys replaces the key projection (HGRN2)
+
+
+GATES: dict[str, GateSpec] = {
+    "none": GateSpec(lambda c: NoGate()),
+    "lightning": GateSpec(lambda c: FixedDecay(
+        lightning_log_decay(c.num_heads, c.layer_index, c.num_layers))),
+    "retention": GateSpec(lambda c: FixedDecay(retention_log_decay(c.num_heads))),
+    "gla": GateSpec(lambda c: LowRankLogSigmoidGate(
+        c.d_model, c.num_heads, c.key_dim, low_rank=c.options.get("gate_low_rank", 16),
+        normalizer=c.options.get("gate_normalizer", 16.0), rngs=c.rngs, **c.dtypes),
+        per_key=True),
+    "mamba2": GateSpec(lambda c: Mamba2Decay(c.d_model, c.num_heads, rngs=c.rngs, **c.dtypes)),
+    "hgrn2": GateSpec(lambda c: HGRN2Gate(
+        c.d_model, c.num_heads, c.key_dim, lower_bound=c.options.get("forget_lower_bound"),
+        rngs=c.rngs, **c.dtypes), per_key=True, gives_keys=True),
+    "rwkv6": GateSpec(lambda c: RWKV6Decay(
+        c.d_model, c.num_heads, c.key_dim, low_rank=c.options.get("rwkv_decay_rank", 64),
+        rngs=c.rngs, **c.dtypes), per_key=True),
+}
+
+
+def register_gate(name: str, spec: GateSpec) -> None:
+  """Adds gate `name` to GATES (a variant row may then name it); an existing name raises."""
+  validation.require(name not in GATES, "gate name", name, f"a new name, not one of {tuple(GATES)}")
+  GATES[name] = spec
+
+
+def gate_spec(name: str) -> GateSpec:
+  """GATES[name], or a ValueError listing the registered gates."""
+  return GATES[validation.choice("gate", name, tuple(GATES))]

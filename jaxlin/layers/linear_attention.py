@@ -1,4 +1,4 @@
-"""One configurable token mixer for every linear (L) variant of DESIGN.md §5.
+"""One configurable token mixer for every linear (L) variant, and the variant table.
 
 Pipeline (each stage switched by the variant's row in `VARIANTS`, overridable):
 
@@ -7,15 +7,18 @@ Pipeline (each stage switched by the variant's row in `VARIANTS`, overridable):
       -> [short causal conv over (q, k, v), size 4, SiLU]
       -> q, k = phi(q), phi(k)                     (feature map, `feature_maps.py`)
       -> [L2-normalise q, k] [RoPE] [Comba: q' = q - d_h k]
-      -> gates g (`gates.py`), [beta = sigmoid(W_b x)]
-      -> op:  G: S_t = Diag(exp g_t) S_{t-1} + k_t v_t^T,  o_t = scale S_t^T q_t
-              D: S_t = exp(g_t)(I - b_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+      -> gate (`gates.GATES[row.gate]`: g, [dt], [keys]), [beta = sigmoid(W_b x)]
+      -> op of the row's family (`jaxlin.ops.families.FAMILIES[row.family]`):
+              gated: S_t = Diag(exp g_t) S_{t-1} + k_t v_t^T,  o_t = scale S_t^T q_t
+              delta: S_t = exp(g_t)(I - b_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
       -> [normalised (Based/Rebased): o = o[:V] / (o[V] + eps), v extended by a ones column]
       -> [Mamba2 skip: o += D_h v]
       -> per-head RMSNorm -> [output gate: * silu(W_g x)] -> y = W_o o
 
-Variants: bla (basic linear attention), lightning, retention, gla, mamba2, hgrn2,
-rwkv6, based, rebased, deltanet, gated_deltanet, comba. Decay gates:
+Variants (`VARIANTS`; `register_variant` adds one): bla (basic linear attention),
+lightning, retention, gla, mamba2, hgrn2, rwkv6, based, rebased, deltanet,
+gated_deltanet, comba. A row names its family and its gate; the layer never branches on
+either name, and `MixtureOfMemories` runs the same stages (`OpStages`) per memory. Decay gates:
 lightning -slope_h (ALiBi, layer dependent), retention log(1 - 2^(-5-h)),
 gla logsigmoid(W2 W1 x)/16, mamba2/gated_deltanet/comba -exp(A_log) softplus(W x +
 dt_bias), hgrn2 log(sigmoid(W x)) (optional lower bound), rwkv6 -exp(lora(x_w)) with
@@ -33,30 +36,30 @@ feature map, V value dim per head (V' = V + 1 when normalised), C conv channels.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlin import ops
-from jaxlin.layers import feature_maps
-from jaxlin.layers import gates
+from jaxlin import validation
+from jaxlin.layers import base, feature_maps, gates
 from jaxlin.layers.base import Cache, MixerOutput
 from jaxlin.layers.conv import ShortConv
 from jaxlin.layers.norm import GatedRMSNorm, RMSNorm, l2_normalise
 from jaxlin.layers.rope import apply_rope
+from jaxlin.ops.families import FAMILIES, Family
 
 f32 = jnp.float32
 
-GATE_KINDS = ("none", "lightning", "retention", "gla", "mamba2", "hgrn2", "rwkv6")
 RWKV6_MIXES = ("r", "w", "k", "v", "g")
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """One row of the variant table: what each pipeline stage does by default."""
-  family: str                       # "G" (gated_linear_attention) or "D" (delta_rule)
-  gate: str                         # one of GATE_KINDS
+  family: str                       # a key of jaxlin.ops.families.FAMILIES
+  gate: str                         # a key of gates.GATES
   feature_map: str                  # default feature map (feature_maps.FEATURE_MAPS)
   short_conv: bool                  # short causal conv over q, k, v
   output_gate: bool                 # swish output gate after the norm
@@ -73,33 +76,141 @@ class Variant:
   removal: bool = False             # Comba: removal b = beta sigmoid(c_h)
   query_correction: bool = False    # Comba: q' = q - d_h k
 
+  def check(self, name: str) -> None:
+    """Raises ValueError unless the row's family and gate exist and fit each other."""
+    family = FAMILIES[validation.choice(f"{name}.family", self.family, tuple(FAMILIES))]
+    spec = gates.gate_spec(self.gate)
+    validation.require(family.per_key_gate or not spec.per_key, f"{name}.gate", self.gate,
+                       f"a gate without a key axis (family {self.family!r} takes scalar gates)")
+    validation.require(not self.bonus or "bonus" in family.head_inputs, f"{name}.bonus",
+                       self.bonus, f"False (family {self.family!r} has no bonus)")
+    validation.require(not self.removal or "removal" in family.token_inputs, f"{name}.removal",
+                       self.removal, f"False (family {self.family!r} has no removal strength)")
+    feature_maps.check_name(self.feature_map)
+
+  @property
+  def recurrence(self) -> Family:
+    """The row's family entry."""
+    return FAMILIES[self.family]
+
 
 VARIANTS: dict[str, Variant] = {
-    "bla": Variant("G", "none", "elu", False, False, True),
-    "lightning": Variant("G", "lightning", "swish", False, True, True),
-    "retention": Variant("G", "retention", "identity", False, True, True, rope=True),
-    "gla": Variant("G", "gla", "identity", False, True, True),
-    "mamba2": Variant("G", "mamba2", "identity", True, True, True, scale=1.0,
+    "bla": Variant("gated", "none", "elu", False, False, True),
+    "lightning": Variant("gated", "lightning", "swish", False, True, True),
+    "retention": Variant("gated", "retention", "identity", False, True, True, rope=True),
+    "gla": Variant("gated", "gla", "identity", False, True, True),
+    "mamba2": Variant("gated", "mamba2", "identity", True, True, True, scale=1.0,
                       step_scaled_values=True, skip=True),
-    "hgrn2": Variant("G", "hgrn2", "swish", False, False, True),
-    "rwkv6": Variant("G", "rwkv6", "identity", False, True, True, scale=1.0, bonus=True,
+    "hgrn2": Variant("gated", "hgrn2", "swish", False, False, True),
+    "rwkv6": Variant("gated", "rwkv6", "identity", False, True, True, scale=1.0, bonus=True,
                      token_shift=True),
-    "based": Variant("G", "none", "taylor", False, False, False, normalised=True, scale=1.0,
+    "based": Variant("gated", "none", "taylor", False, False, False, normalised=True, scale=1.0,
                      default_key_dim=16),
-    "rebased": Variant("G", "none", "rebased", False, False, False, normalised=True,
+    "rebased": Variant("gated", "none", "rebased", False, False, False, normalised=True,
                        scale=1.0, default_key_dim=16),
-    "deltanet": Variant("D", "none", "identity", True, False, True, qk_l2norm=True),
-    "gated_deltanet": Variant("D", "mamba2", "identity", True, True, True, qk_l2norm=True),
-    "comba": Variant("D", "mamba2", "identity", True, True, True, qk_l2norm=True,
+    "deltanet": Variant("delta", "none", "identity", True, False, True, qk_l2norm=True),
+    "gated_deltanet": Variant("delta", "mamba2", "identity", True, True, True, qk_l2norm=True),
+    "comba": Variant("delta", "mamba2", "identity", True, True, True, qk_l2norm=True,
                      removal=True, query_correction=True),
 }
 
 
-def _positive_int(name: str, value: int) -> int:
-  """Raises ValueError unless value is a positive int."""
-  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-    raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
-  return value
+def register_variant(name: str, row: Variant) -> None:
+  """Adds variant `name` (checked) to VARIANTS; an existing name raises."""
+  validation.require(name not in VARIANTS, "variant name", name,
+                     f"a new name, not one of {tuple(VARIANTS)}")
+  row.check(name)
+  VARIANTS[name] = row
+
+
+def variant_row(name: str) -> Variant:
+  """VARIANTS[name], or a ValueError listing the variants."""
+  return VARIANTS[validation.choice("variant", name, tuple(VARIANTS))]
+
+
+# ------------------------------------------------------------ shared stages
+@dataclasses.dataclass(frozen=True)
+class OpStages:
+  """The variant-dependent stages around the op, shared by LinearAttention and MoM.
+
+  `inputs` turns projected q, k, v [B, L, H, *] and a gate's output into the op's
+  q, k, v and per-token inputs; `run` calls the family's op (or its step when decoding);
+  `output` undoes the Based normalisation and adds Mamba2's skip.
+  """
+  row: Variant
+  rope_theta: float = 10000.0
+  normalise_eps: float = 1e-6
+
+  def inputs(self, q: jax.Array, k: jax.Array, v: jax.Array, gate: gates.GateOut,
+             beta: jax.Array | None, *, removal_logit: jax.Array | None = None,
+             correction: jax.Array | None = None, positions: jax.Array | None = None
+             ) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
+    """(q, k, v, inputs) for the op: q, k after the feature maps [B, L, H, K'];
+    v [B, L, H, V]; gate (g, dt) per token; beta [B, L, H] (delta family);
+    positions [B, L] (RoPE rows). Returns v float32 (V + 1 when normalised)."""
+    row = self.row
+    if row.qk_l2norm:
+      q, k = l2_normalise(q), l2_normalise(k)
+    if correction is not None:
+      q = q - correction.astype(f32)[:, None] * k
+    if positions is not None:
+      q = apply_rope(q, positions, theta=self.rope_theta)
+      k = apply_rope(k, positions, theta=self.rope_theta)
+    v_in = v.astype(f32)
+    if row.step_scaled_values:
+      v_in = v_in * gate.dt[..., None]
+    if row.normalised:
+      v_in = jnp.concatenate([v_in, jnp.ones_like(v_in[..., :1])], axis=-1)
+    inputs: dict[str, jax.Array] = {} if gate.g is None else {"g": gate.g}
+    if row.recurrence.write_strength:
+      inputs["beta"] = beta
+    if removal_logit is not None:
+      inputs["removal"] = beta * jax.nn.sigmoid(removal_logit.astype(f32))
+    return q, k, v_in, inputs
+
+  def run(self, q: jax.Array, k: jax.Array, v: jax.Array, inputs: dict[str, jax.Array],
+          head_inputs: dict[str, jax.Array], *, dtype: Any, segment_ids: jax.Array | None,
+          state: jax.Array | None, decode: bool, chunk_size: int,
+          impl: str) -> tuple[jax.Array, jax.Array | None]:
+    """The family's op over [B, L, H, *] (or its step on L = 1 with `decode`); returns
+    (o [B, L, H, V'], the final state when `state` is given, else None)."""
+    family, scale = self.row.recurrence, self.row.scale
+    q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+    if decode:
+      at0 = {name: a[:, 0] for name, a in inputs.items()}
+      o, new_state = family.step(q[:, 0], k[:, 0], v[:, 0], **at0, **head_inputs,
+                                 state=state, scale=scale)
+      return o[:, None], new_state
+    return family.op(q, k, v, **inputs, **head_inputs, scale=scale, segment_ids=segment_ids,
+                     chunk_size=chunk_size, impl=impl, initial_state=state,
+                     output_final_state=state is not None)
+
+  def output(self, o: jax.Array, v: jax.Array, skip: jax.Array | None) -> jax.Array:
+    """o [B, L, H, V'] -> float32 [B, L, H, V]: Based division, Mamba2 skip D_h v."""
+    o = o.astype(f32)
+    if self.row.normalised:
+      o = o[..., :-1] / (o[..., -1:] + self.normalise_eps)
+    if skip is not None:
+      o = o + skip.astype(f32)[:, None] * v.astype(f32)
+    return o
+
+
+def token_mixes(shift_mix: nnx.Module | None, x: jax.Array, previous: jax.Array | None,
+                segment_ids: jax.Array | None) -> dict[str, jax.Array]:
+  """The inputs of each projection: RWKV6's token-shifted mixes, or x for every one."""
+  if shift_mix is None:
+    return dict.fromkeys(RWKV6_MIXES, x)
+  return dict(zip(RWKV6_MIXES, shift_mix(x, gates.shift_tokens(x, previous, segment_ids))))
+
+
+def check_keys_feature_map(spec: gates.GateSpec, feature_map: str, key_dim: int) -> None:
+  """A gate that gives the keys (HGRN2) needs a feature map that keeps the key dim."""
+  if spec.gives_keys:
+    keeping = tuple(f for f in feature_maps.FEATURE_MAPS
+                    if feature_maps.feature_dim(f, key_dim) == key_dim)
+    validation.require(feature_maps.feature_dim(feature_map, key_dim) == key_dim,
+                       "feature_map", feature_map,
+                       f"one of {keeping} (the keys come from the gate and keep the key dim)")
 
 
 class LinearAttention(nnx.Module):
@@ -118,6 +229,7 @@ class LinearAttention(nnx.Module):
     gate_low_rank, gate_normalizer: GLA's gate rank and divisor (16, 16).
     forget_lower_bound: HGRN2's lower bound of the forget gate (None: 0).
     rwkv_mix_rank, rwkv_decay_rank: RWKV6's token-shift and decay LoRA ranks.
+    gate_options: further options for a registered gate's builder (`gates.GateContext`).
     correction: Comba's initial query correction d_h (1.0; 0.02 suits small models).
     norm_eps: epsilon of the RMSNorms; normalise_eps: of the Based/Rebased division.
     chunk_size, impl: passed to the op (chunk a multiple of 16 in [16, 256]).
@@ -146,6 +258,7 @@ class LinearAttention(nnx.Module):
       forget_lower_bound: float | None = None,
       rwkv_mix_rank: int = 32,
       rwkv_decay_rank: int = 64,
+      gate_options: dict[str, Any] | None = None,
       correction: float = 1.0,
       norm_eps: float = 1e-5,
       normalise_eps: float = 1e-6,
@@ -157,24 +270,20 @@ class LinearAttention(nnx.Module):
       param_dtype: jnp.dtype = f32,
       rngs: nnx.Rngs,
   ) -> None:
-    if variant not in VARIANTS:
-      raise ValueError(f"unknown variant={variant!r}; allowed: {tuple(VARIANTS)}")
-    row = VARIANTS[variant]
-    _positive_int("d_model", d_model)
-    _positive_int("num_heads", num_heads)
+    row = variant_row(variant)
+    validation.positive_int("d_model", d_model)
+    validation.positive_int("num_heads", num_heads)
     if head_dim is None:
-      if d_model % num_heads:
-        raise ValueError(f"num_heads={num_heads} does not divide d_model={d_model}; "
-                         f"pick num_heads among the divisors of {d_model} or pass head_dim")
+      validation.require(d_model % num_heads == 0, "num_heads", num_heads,
+                         f"a divisor of d_model={d_model} (or pass head_dim)")
       head_dim = d_model // num_heads
-    head_dim = _positive_int("head_dim", head_dim)
-    key_dim = _positive_int("key_dim", key_dim or row.default_key_dim or head_dim)
-    value_dim = _positive_int("value_dim", value_dim or head_dim)
+    head_dim = validation.positive_int("head_dim", head_dim)
+    key_dim = validation.positive_int("key_dim", key_dim or row.default_key_dim or head_dim)
+    value_dim = validation.positive_int("value_dim", value_dim or head_dim)
     feature_map = row.feature_map if feature_map is None else feature_map
     feature_maps.check_name(feature_map)
-    if row.gate == "hgrn2" and feature_maps.feature_dim(feature_map, key_dim) != key_dim:
-      raise ValueError(f"feature_map={feature_map!r} changes the key dim; hgrn2's keys come "
-                       f"from its forget gate, allowed: identity, elu, relu, swish, t2r")
+    gate_spec = gates.gate_spec(row.gate)
+    check_keys_feature_map(gate_spec, feature_map, key_dim)
     self.variant, self.row = variant, row
     self.d_model, self.num_heads = d_model, num_heads
     self.key_dim, self.value_dim = key_dim, value_dim
@@ -183,12 +292,11 @@ class LinearAttention(nnx.Module):
     self.use_short_conv = row.short_conv if use_short_conv is None else use_short_conv
     self.use_output_gate = row.output_gate if use_output_gate is None else use_output_gate
     self.use_rope = row.rope if use_rope is None else use_rope
-    if self.use_rope and self.feature_dim % 2:
-      raise ValueError(f"use_rope needs an even key dim after the feature map, got "
-                       f"{self.feature_dim} (key_dim={key_dim}, feature_map={feature_map!r})")
-    self.rope_theta, self.norm_eps, self.normalise_eps = rope_theta, norm_eps, normalise_eps
+    validation.require(not self.use_rope or self.feature_dim % 2 == 0, "use_rope", self.use_rope,
+                       f"False, or an even key dim after the feature map (got {self.feature_dim}"
+                       f" from key_dim={key_dim}, feature_map={feature_map!r})")
+    self.stages = OpStages(row, rope_theta=rope_theta, normalise_eps=normalise_eps)
     self.chunk_size, self.impl = chunk_size, impl
-    self.layer_index, self.num_layers = layer_index, num_layers
     self.dtype = dtype
     heads = num_heads
     lin = lambda i, o, bias=False: nnx.Linear(i, o, use_bias=bias, dtype=dtype,
@@ -198,7 +306,7 @@ class LinearAttention(nnx.Module):
     self.shift_mix = (gates.RWKV6TokenShift(d_model, low_rank=rwkv_mix_rank, **kw)
                       if row.token_shift else None)
     self.q_proj = lin(d_model, heads * key_dim)
-    self.k_proj = None if row.gate == "hgrn2" else lin(d_model, heads * key_dim)
+    self.k_proj = None if gate_spec.gives_keys else lin(d_model, heads * key_dim)
     self.v_proj = lin(d_model, heads * value_dim)
     conv_channels = heads * (key_dim * (1 if self.k_proj is None else 2) + value_dim)
     self.conv = (ShortConv(conv_channels, kernel_size=conv_size, activation="silu",
@@ -209,22 +317,12 @@ class LinearAttention(nnx.Module):
     self.k_map = (feature_maps.FeatureMap(feature_map, key_dim, rngs=rngs,
                                           param_dtype=param_dtype)
                   if self.k_proj is not None else None)
-
-    gate = None
-    if row.gate == "gla":
-      gate = gates.LowRankLogSigmoidGate(d_model, heads, key_dim, low_rank=gate_low_rank,
-                                         normalizer=gate_normalizer, **kw)
-    elif row.gate == "mamba2":
-      gate = gates.Mamba2Decay(d_model, heads, **kw)
-    elif row.gate == "hgrn2":
-      gate = gates.HGRN2Gate(d_model, heads, key_dim, lower_bound=forget_lower_bound, **kw)
-    elif row.gate == "rwkv6":
-      gate = gates.RWKV6Decay(d_model, heads, key_dim, low_rank=rwkv_decay_rank, **kw)
-    elif row.gate == "lightning":   # validates layer_index / num_layers now
-      gates.lightning_log_decay(heads, layer_index, num_layers)
-    self.gate = nnx.data(gate)
-
-    self.beta_proj = lin(d_model, heads) if row.family == "D" else None
+    options = dict(gate_low_rank=gate_low_rank, gate_normalizer=gate_normalizer,
+                   forget_lower_bound=forget_lower_bound, rwkv_decay_rank=rwkv_decay_rank,
+                   **(gate_options or {}))
+    self.gate = gate_spec.build(gates.GateContext(
+        d_model, heads, key_dim, layer_index, num_layers, options, **kw))
+    self.beta_proj = lin(d_model, heads) if row.recurrence.write_strength else None
     self.removal_logit = (nnx.Param(jnp.ones((heads,), param_dtype)) if row.removal else None)
     self.correction = (nnx.Param(jnp.full((heads,), correction, param_dtype))
                        if row.query_correction else None)
@@ -256,12 +354,6 @@ class LinearAttention(nnx.Module):
     return cache
 
   # ---------------------------------------------------------------- forward
-  def _fixed_decay(self) -> jax.Array:
-    """Lightning / Retention log decay [H] (float32)."""
-    if self.row.gate == "lightning":
-      return gates.lightning_log_decay(self.num_heads, self.layer_index, self.num_layers)
-    return gates.retention_log_decay(self.num_heads)
-
   def _convolve(self, parts: list[jax.Array], segment_ids: jax.Array | None,
                 cache: Cache | None, new_cache: Cache) -> list[jax.Array]:
     """Short conv over the concatenated projections [B, T, C]; splits them back."""
@@ -284,19 +376,15 @@ class LinearAttention(nnx.Module):
     segment_ids [B, T] (packed documents) and cache (continue a sequence) exclude
     each other.
     """
-    batch, time, width = x.shape
-    if width != self.d_model:
-      raise ValueError(f"x has width {width}, expected d_model={self.d_model}")
-    if cache is not None and segment_ids is not None:
-      raise ValueError("segment_ids with a cache: a cache holds one sequence per batch row")
-    row, heads = self.row, self.num_heads
+    base.check_mixer_call(x, self.d_model, segment_ids, cache)
+    batch, time, _ = x.shape
+    heads = self.num_heads
     x = x.astype(self.dtype)
     new_cache: Cache = {}
 
-    xs = dict.fromkeys(RWKV6_MIXES, x)
+    xs = token_mixes(self.shift_mix, x, None if cache is None else cache.get("shift"),
+                     segment_ids)
     if self.shift_mix is not None:
-      prev = gates.shift_tokens(x, None if cache is None else cache["shift"], segment_ids)
-      xs = dict(zip(RWKV6_MIXES, self.shift_mix(x, prev)))
       new_cache["shift"] = x[:, -1]
 
     parts = [self.q_proj(xs["r"])]
@@ -306,48 +394,30 @@ class LinearAttention(nnx.Module):
     if self.conv is not None:
       parts = self._convolve(parts, segment_ids, cache, new_cache)
     heads_of = lambda a: a.reshape(batch, time, heads, -1)
-    q, v = heads_of(parts[0]), heads_of(parts[-1])
-    q = self.q_map(q)
+    q, v = self.q_map(heads_of(parts[0])), heads_of(parts[-1])
+    gate = self.gate(xs["w"])
+    k = gate.keys if self.k_proj is None else self.k_map(heads_of(parts[1]))
 
-    g = dt = None
-    if row.gate in ("lightning", "retention"):
-      g = jnp.broadcast_to(self._fixed_decay(), (batch, time, heads))
-    elif row.gate == "gla":
-      g = self.gate(x)
-    elif row.gate == "mamba2":
-      g, dt = self.gate.with_step_size(x)
-    elif row.gate == "rwkv6":
-      g = self.gate(xs["w"])
-    if row.gate == "hgrn2":
-      g, k = self.gate(x)
-    else:
-      k = self.k_map(heads_of(parts[1]))
-
-    if row.qk_l2norm:
-      q, k = l2_normalise(q), l2_normalise(k)
-    if self.correction is not None:
-      q = q - self.correction[...].astype(f32)[:, None] * k
+    positions = None
     if self.use_rope:
       start = jnp.zeros((batch,), jnp.int32) if cache is None else cache["position"]
       positions = start[:, None] + jnp.arange(time, dtype=jnp.int32)[None]
-      q = apply_rope(q, positions, theta=self.rope_theta)
-      k = apply_rope(k, positions, theta=self.rope_theta)
       new_cache["position"] = start + time
-
-    v_in = v.astype(f32)
-    if row.step_scaled_values:
-      v_in = v_in * dt[..., None]
-    if row.normalised:
-      v_in = jnp.concatenate([v_in, jnp.ones_like(v_in[..., :1])], axis=-1)
-    o, state = self._run_op(q, k, v_in, g, x, segment_ids, cache)
+    beta = (None if self.beta_proj is None
+            else jax.nn.sigmoid(self.beta_proj(x).astype(f32)))
+    q, k, v_in, inputs = self.stages.inputs(
+        q, k, v, gate, beta, positions=positions,
+        removal_logit=None if self.removal_logit is None else self.removal_logit[...],
+        correction=None if self.correction is None else self.correction[...])
+    head_inputs = {} if self.bonus is None else {"bonus": self.bonus[...].astype(f32)}
+    o, state = self.stages.run(
+        q, k, v_in, inputs, head_inputs, dtype=self.dtype, segment_ids=segment_ids,
+        state=None if cache is None else cache["state"],
+        decode=cache is not None and time == 1, chunk_size=self.chunk_size, impl=self.impl)
     if cache is not None:
       new_cache["state"] = state
 
-    o = o.astype(f32)
-    if row.normalised:
-      o = o[..., :-1] / (o[..., -1:] + self.normalise_eps)
-    if self.skip is not None:
-      o = o + self.skip[...].astype(f32)[:, None] * v.astype(f32)
+    o = self.stages.output(o, v, None if self.skip is None else self.skip[...])
     o = o.astype(self.dtype)
     if self.use_output_gate:
       o = self.norm(o, heads_of(self.g_proj(xs["g"])))
@@ -355,36 +425,3 @@ class LinearAttention(nnx.Module):
       o = self.norm(o)
     y = self.o_proj(o.reshape(batch, time, heads * self.value_dim))
     return MixerOutput(y, new_cache if cache is not None else None, {})
-
-  def _run_op(self, q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
-              x: jax.Array, segment_ids: jax.Array | None,
-              cache: Cache | None) -> tuple[jax.Array, jax.Array | None]:
-    """The recurrence: chunked op (training, prefill) or its step (T = 1 decode)."""
-    row = self.row
-    dt = self.dtype
-    q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
-    bonus = None if self.bonus is None else self.bonus[...].astype(f32)
-    extra = {}
-    beta = None
-    if row.family == "D":
-      beta = jax.nn.sigmoid(self.beta_proj(x).astype(f32))
-      if self.removal_logit is not None:
-        extra["removal"] = beta * jax.nn.sigmoid(self.removal_logit[...].astype(f32))
-    decode = cache is not None and q.shape[1] == 1
-    if decode:
-      at0 = lambda a: None if a is None else a[:, 0]
-      extra = {name: at0(a) for name, a in extra.items()}
-      if row.family == "G":
-        o, state = ops.gated_linear_attention_step(
-            q[:, 0], k[:, 0], v[:, 0], at0(g), state=cache["state"], bonus=bonus,
-            scale=row.scale)
-      else:
-        o, state = ops.delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], at0(g),
-                                       state=cache["state"], scale=row.scale, **extra)
-      return o[:, None], state
-    common = {"scale": row.scale, "segment_ids": segment_ids, "chunk_size": self.chunk_size,
-              "impl": self.impl, "output_final_state": cache is not None,
-              "initial_state": None if cache is None else cache["state"]}
-    if row.family == "G":
-      return ops.gated_linear_attention(q, k, v, g, bonus=bonus, **common)
-    return ops.delta_rule(q, k, v, beta, g, **extra, **common)

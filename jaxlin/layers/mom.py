@@ -1,4 +1,4 @@
-"""Mixture-of-Memories (MoM, arXiv 2502.13685) over a GLA or Gated DeltaNet core.
+"""Mixture-of-Memories (MoM, arXiv 2502.13685) over any linear-attention variant as its core.
 
 Router (float32, `jaxlin.layers.routing` "topk_softmax"), for token x_t with M
 routed memories and top_k = k:
@@ -6,20 +6,24 @@ routed memories and top_k = k:
     p_t = softmax(x_t W_r)                      [M]
     (w_t, m_t) = top_k(p_t),  w_t <- w_t / sum(w_t)      (renormalised over the k)
 
-Memory m has its own key / value / gate (and beta) projections; the query
-projection is shared. Memory m keeps its own state S^m, updated only by the
+The core is a variant row of `jaxlin.layers.linear_attention.VARIANTS` (the paper's
+cores are GLA and Gated DeltaNet, `CORES`; any row runs): its family's op, its gate
+(`gates.GATES[row.gate]`, one module per memory), feature map and the other stages
+(`OpStages`). Memory m has its own key / value / gate (and beta) projections; the
+query projection is shared. Memory m keeps its own state S^m, updated only by the
 tokens routed to it (a memory's tokens form its own stream, in time order):
 
-    GLA: S^m <- Diag(exp(g^m_t)) S^m + k^m_t v^m_t^T
-    GDN: S^m <- exp(g^m_t) (I - beta^m_t k^m_t k^m_t^T) S^m + beta^m_t k^m_t v^m_t^T
+    gated: S^m <- Diag(exp(g^m_t)) S^m + k^m_t v^m_t^T
+    delta: S^m <- exp(g^m_t) (I - beta^m_t k^m_t k^m_t^T) S^m + beta^m_t k^m_t v^m_t^T
     o_t  = sum_{j<k} w_tj scale S^{m_tj}_t^T q^{m_tj}_t  +  o^shared_t
 
-The optional shared memory (slot M, weight 1) sees every token. Then, as in a
-GLA / GDN layer: y = W_o GatedRMSNorm_per_head(o, x W_z). The short causal
-conv (SiLU) on q, k, v runs inside each memory's stream (its taps are the
-previous tokens routed to the same memory, as in fla's MoM); GDN L2-normalises
-q and k after it. Gates: GLA logsigmoid(W2 W1 x + b)/16 per key dim, GDN
--exp(A_log) softplus(W x + dt_bias) per head (one gate module per memory).
+The optional shared memory (slot M, weight 1) sees every token. Then, as in the
+core's layer: y = W_o GatedRMSNorm_per_head(o, x W_z) (RMSNorm or nothing when the
+row has no output gate). The short causal conv (SiLU) on q, k, v runs inside each
+memory's stream (its taps are the previous tokens routed to the same memory, as in
+fla's MoM); without it, a core whose row has a conv applies SiLU to q, k, v instead
+(fla's GDN). Then the feature maps, the row's L2 normalisation of q and k, RoPE at
+the tokens' positions, and the row's op inputs.
 
 Efficient exact form (no cache): the T*k' routed copies of every token
 (k' = k + 1 with the shared memory) are sorted per batch row by (memory,
@@ -41,64 +45,51 @@ tokens of the call, f_m = #(assignments to m) / (B T k), P_m = mean_t p_tm.
 
 Cost note: the per-memory k / v / gate projections are computed for every token
 and memory ([B, T, M', .]) and then gathered per copy, M'/k' times the minimum.
+RWKV6's token shift and RoPE positions follow the tokens' time order, not the streams.
 
-Legend: B batch, T time, D model width, H heads, K key dim, V value dim (per
-head), M routed memories, M' = M (+1 shared) memory slots, k top_k,
+Legend: B batch, T time, D model width, H heads, K key dim (K' after the feature map),
+V value dim (per head; V' = V + 1 for a normalised core), M routed memories, M' = M (+1 shared) memory slots, k top_k,
 k' = k (+1 shared) copies per token, N = T*k' copies per row, P = conv size - 1.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlin import ops
+from jaxlin import validation
+from jaxlin.layers import base, feature_maps, gates, routing
 from jaxlin.layers.base import Aux, Cache, MixerOutput
 from jaxlin.layers.conv import ShortConv
-from jaxlin.layers.gates import LowRankLogSigmoidGate, Mamba2Decay
-from jaxlin.layers import routing
-from jaxlin.layers.norm import GatedRMSNorm, l2_normalise
+from jaxlin.layers.linear_attention import (VARIANTS, OpStages, check_keys_feature_map,
+                                            token_mixes)
+from jaxlin.layers.norm import GatedRMSNorm, RMSNorm
 from jaxlin.ops import arguments, documents
 
 f32 = jnp.float32
-CORES = ("gla", "gated_deltanet")
+CORES = ("gla", "gated_deltanet")   # the paper's cores (and fla's); any variant row runs
 
 
-def cores() -> tuple[str, ...]:
-  """The variants a MoM layer runs over."""
-  return CORES
-
-
-def _is_int(value: object) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_config(d_model: int, num_heads: int, core: str, num_memories: int, top_k: int,
+def _check_config(d_model: int, num_heads: int, num_memories: int, top_k: int,
                   head_dim: int | None, aux_loss_coef: float, conv_size: int,
                   chunk_size: int, impl: str, init_std: float) -> None:
   """Raises ValueError naming the argument, its value and what is allowed."""
   for name, value in (("d_model", d_model), ("num_heads", num_heads),
                       ("num_memories", num_memories), ("conv_size", conv_size)):
-    if not _is_int(value) or value < 1:
-      raise ValueError(f"{name}: got {value!r}; expected an int >= 1")
-  if core not in CORES:
-    raise ValueError(f"core: got {core!r}; expected one of {CORES}")
-  if not _is_int(top_k) or not 1 <= top_k <= num_memories:
-    raise ValueError(f"top_k: got {top_k!r}; expected an int in [1, num_memories="
-                     f"{num_memories}]")
-  if head_dim is None and d_model % num_heads:
-    raise ValueError(f"num_heads: got {num_heads}, which does not divide d_model={d_model}; "
-                     "pass head_dim explicitly or pick num_heads dividing d_model")
-  if head_dim is not None and (not _is_int(head_dim) or head_dim < 1):
-    raise ValueError(f"head_dim: got {head_dim!r}; expected None or an int >= 1")
-  if not aux_loss_coef >= 0:
-    raise ValueError(f"aux_loss_coef: got {aux_loss_coef!r}; expected a float >= 0")
-  if not init_std >= 0:
-    raise ValueError(f"init_std: got {init_std!r}; expected a float >= 0")
+    validation.positive_int(name, value)
+  validation.require(validation.is_int(top_k) and 1 <= top_k <= num_memories, "top_k", top_k,
+                     f"an int in [1, num_memories={num_memories}]")
+  if head_dim is None:
+    validation.require(d_model % num_heads == 0, "num_heads", num_heads,
+                       f"a divisor of d_model={d_model} (or pass head_dim)")
+  validation.positive_int("head_dim", head_dim, optional=True)
+  validation.non_negative("aux_loss_coef", aux_loss_coef)
+  validation.non_negative("init_std", init_std)
   arguments.check_chunk_size(chunk_size)
-  if impl not in arguments.IMPLS:
-    raise ValueError(f"impl: got {impl!r}; expected one of {arguments.IMPLS}")
+  validation.choice("impl", impl, arguments.IMPLS)
 
 
 class _Copies:
@@ -164,11 +155,12 @@ def _stream_conv(conv: ShortConv, x: jax.Array, copies: _Copies, slots: int,
 
 
 class MixtureOfMemories(nnx.Module):
-  """MoM token mixer over a GLA or Gated DeltaNet core (see the module docstring).
+  """MoM token mixer over the core variant `core` (see the module docstring).
 
-  y = W_o GatedRMSNorm(sum_j w_j o^{m_j} + o^shared, x W_z), o^m the core's
-  output from memory m's own state. Cache: {"state": [B, M', H, K, V] float32}
-  plus {"conv_q", "conv_k", "conv_v": [B, M', P, C]} with the short conv.
+  y = W_o GatedRMSNorm(sum_j w_j o^{m_j} + o^shared, x W_z), o^m the core's output from
+  memory m's own state. Cache: {"state": [B, M', H, K', V'] float32} plus {"conv_q",
+  "conv_k", "conv_v": [B, M', P, C]} with the short conv, "shift" [B, D] for RWKV6's
+  token shift, "position" [B] for RoPE.
   """
 
   def __init__(
@@ -185,97 +177,129 @@ class MixtureOfMemories(nnx.Module):
       use_short_conv: bool = True,
       conv_size: int = 4,
       gate_low_rank: int = 16,
+      gate_options: dict[str, Any] | None = None,
       norm_eps: float = 1e-6,
       chunk_size: int = 64,
       impl: str = "auto",
       init_std: float = 0.02,
+      layer_index: int = 0,
+      num_layers: int = 1,
+      rope_theta: float = 10000.0,
       dtype: jnp.dtype = f32,
       param_dtype: jnp.dtype = f32,
       rngs: nnx.Rngs,
   ) -> None:
-    _check_config(d_model, num_heads, core, num_memories, top_k, head_dim, aux_loss_coef,
+    _check_config(d_model, num_heads, num_memories, top_k, head_dim, aux_loss_coef,
                   conv_size, chunk_size, impl, init_std)
-    self.d_model, self.num_heads, self.core = d_model, num_heads, core
+    row = VARIANTS[validation.choice("core", core, tuple(VARIANTS))]
+    spec = gates.gate_spec(row.gate)
+    self.d_model, self.num_heads, self.core, self.row = d_model, num_heads, core, row
     self.num_memories, self.top_k = num_memories, top_k
     self.shared_memory = bool(shared_memory)
     self.num_slots = num_memories + int(self.shared_memory)           # M'
     self.aux_loss_coef = float(aux_loss_coef)
     self.head_dim = d_model // num_heads if head_dim is None else head_dim
+    self.key_dim = row.default_key_dim or self.head_dim
+    check_keys_feature_map(spec, row.feature_map, self.key_dim)
+    self.feature_dim = feature_maps.feature_dim(row.feature_map, self.key_dim)
+    self.state_value_dim = self.head_dim + 1 if row.normalised else self.head_dim
     self.use_short_conv = bool(use_short_conv)
+    self.stages = OpStages(row, rope_theta=rope_theta)
     self.chunk_size, self.impl = chunk_size, impl
     self.dtype, self.param_dtype = dtype, param_dtype
-    hk = num_heads * self.head_dim
+    hk, hv = num_heads * self.key_dim, num_heads * self.head_dim
     slots = self.num_slots
     init = jax.nn.initializers.normal(init_std)
     param = lambda *shape: nnx.Param(init(rngs.params(), shape, param_dtype))
+    kw = {"rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
     self.router = param(d_model, num_memories)
+    self.shift_mix = (gates.RWKV6TokenShift(d_model, **kw) if row.token_shift else None)
     self.q_proj = param(d_model, hk)
-    self.k_proj = param(slots, d_model, hk)
-    self.v_proj = param(slots, d_model, hk)
-    if core == "gla":
-      self.gates = nnx.List([LowRankLogSigmoidGate(
-          d_model, num_heads, self.head_dim, low_rank=gate_low_rank, rngs=rngs, dtype=dtype,
-          param_dtype=param_dtype) for _ in range(slots)])
-      self.beta_proj = None
-    else:
-      self.gates = nnx.List([Mamba2Decay(d_model, num_heads, rngs=rngs, dtype=dtype,
-                                         param_dtype=param_dtype) for _ in range(slots)])
-      self.beta_proj = param(slots, d_model, num_heads)
-    if self.use_short_conv:
-      conv = lambda: ShortConv(hk, kernel_size=conv_size, activation="silu", rngs=rngs,
-                               param_dtype=param_dtype)
-      self.q_conv, self.k_conv, self.v_conv = conv(), conv(), conv()
-    self.out_gate_proj = param(d_model, hk)
-    self.o_norm = GatedRMSNorm(self.head_dim, eps=norm_eps, param_dtype=param_dtype)
-    self.o_proj = param(hk, d_model)
+    self.k_proj = None if spec.gives_keys else param(slots, d_model, hk)
+    self.v_proj = param(slots, d_model, hv)
+    context = gates.GateContext(d_model, num_heads, self.key_dim, layer_index, num_layers,
+                                dict(gate_low_rank=gate_low_rank, **(gate_options or {})), **kw)
+    self.gates = nnx.List([spec.build(context) for _ in range(slots)])
+    self.beta_proj = param(slots, d_model, num_heads) if row.recurrence.write_strength else None
+    self.removal_logit = nnx.Param(jnp.ones((num_heads,), param_dtype)) if row.removal else None
+    self.correction = (nnx.Param(jnp.ones((num_heads,), param_dtype))
+                       if row.query_correction else None)
+    self.bonus = (nnx.Param(0.5 + 0.1 * jax.random.normal(
+        rngs.params(), (num_heads, self.key_dim), param_dtype)) if row.bonus else None)
+    self.skip = nnx.Param(jnp.ones((num_heads,), param_dtype)) if row.skip else None
+    self.q_map = feature_maps.FeatureMap(row.feature_map, self.key_dim, rngs=rngs,
+                                         param_dtype=param_dtype)
+    self.k_map = (None if self.k_proj is None else feature_maps.FeatureMap(
+        row.feature_map, self.key_dim, rngs=rngs, param_dtype=param_dtype))
+    conv = lambda channels: (ShortConv(channels, kernel_size=conv_size, activation="silu",
+                                       rngs=rngs, param_dtype=param_dtype)
+                             if self.use_short_conv else None)
+    self.q_conv, self.v_conv = conv(hk), conv(hv)
+    self.k_conv = None if self.k_proj is None else conv(hk)
+    self.out_gate_proj = param(d_model, hv) if row.output_gate else None
+    norm = (GatedRMSNorm if row.output_gate else RMSNorm)(self.head_dim, eps=norm_eps,
+                                                          param_dtype=param_dtype)
+    self.o_norm = norm if (row.output_gate or row.norm) else None
+    self.o_proj = param(hv, d_model)
 
   # ------------------------------------------------------------------ pieces
   def router_logits(self, x: jax.Array) -> jax.Array:
     """x [B, T, D] -> l = x W_r [B, T, M], float32."""
     return jnp.einsum("btd,dm->btm", x.astype(f32), self.router[...].astype(f32))
 
-  def memory_inputs(self, x: jax.Array) -> dict[str, jax.Array]:
-    """Projections of every token for every memory slot (before conv / norm).
+  def memory_inputs(self, x: jax.Array, *, previous: jax.Array | None = None,
+                    segment_ids: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Projections of every token for every memory slot (before conv / feature map).
 
-    x [B, T, D] -> q [B, T, H*K] (shared), k, v [B, T, M', H*K], g [B, T, M', H, K]
-    (GLA) or [B, T, M', H] (GDN) float32 log gates, beta [B, T, M', H] (GDN).
+    x [B, T, D] (previous [B, D]: RWKV6's token before x) -> q [B, T, H*K] (shared),
+    v [B, T, M', H*V], k [B, T, M', H*K] (not when the gate gives the keys), the gate's
+    g [B, T, M', H(, K)] float32 log gates, dt [B, T, M', H] and keys [B, T, M', H, K]
+    where it gives them, beta [B, T, M', H] (delta family).
     """
     xc = x.astype(self.dtype)
+    xs = token_mixes(self.shift_mix, xc, previous, segment_ids)
     w = lambda p: p[...].astype(self.dtype)
-    out = {"q": xc @ w(self.q_proj),
-           "k": jnp.einsum("btd,mde->btme", xc, w(self.k_proj)),
-           "v": jnp.einsum("btd,mde->btme", xc, w(self.v_proj)),
-           "g": jnp.stack([gate(xc) for gate in self.gates], axis=2)}
+    per_slot = lambda a, p: jnp.einsum("btd,mde->btme", a, w(p))
+    out = {"q": xs["r"] @ w(self.q_proj), "v": per_slot(xs["v"], self.v_proj)}
+    if self.k_proj is not None:
+      out["k"] = per_slot(xs["k"], self.k_proj)
+    outs = [gate(xs["w"]) for gate in self.gates]
+    for name in gates.GateOut._fields:
+      if getattr(outs[0], name) is not None:
+        out[name] = jnp.stack([getattr(o, name) for o in outs], axis=2)
     if self.beta_proj is not None:
-      out["beta"] = jax.nn.sigmoid(
-          jnp.einsum("btd,mdh->btmh", xc, w(self.beta_proj)).astype(f32))
+      out["beta"] = jax.nn.sigmoid(per_slot(xc, self.beta_proj).astype(f32))
     return out
 
+  def _convs(self) -> tuple[tuple[ShortConv, str, str], ...]:
+    """(conv, cache name, input name) of every stream conv."""
+    named = ((self.q_conv, "conv_q", "q"), (self.k_conv, "conv_k", "k"),
+             (self.v_conv, "conv_v", "v"))
+    return tuple(c for c in named if c[0] is not None)
+
   def init_cache(self, batch_size: int, max_length: int) -> Cache:
-    """Zero cache: every memory's state [B, M', H, K, K] (and conv states)."""
+    """Zero cache: every memory's state [B, M', H, K', V'] (and conv, shift, position)."""
     del max_length  # a memory's size does not grow with the sequence
-    hk, slots = self.num_heads * self.head_dim, self.num_slots
-    cache = {"state": jnp.zeros((batch_size, slots, self.num_heads, self.head_dim,
-                                 self.head_dim), f32)}
-    if self.use_short_conv:
-      p = self.q_conv.kernel_size - 1
-      for name in ("conv_q", "conv_k", "conv_v"):
-        cache[name] = jnp.zeros((batch_size, slots, p, hk), self.dtype)
+    slots = self.num_slots
+    cache: Cache = {"state": jnp.zeros((batch_size, slots, self.num_heads, self.feature_dim,
+                                        self.state_value_dim), f32)}
+    for conv, name, _ in self._convs():
+      cache[name] = jnp.zeros((batch_size, slots, conv.kernel_size - 1, conv.channels),
+                              self.dtype)
+    if self.shift_mix is not None:
+      cache["shift"] = jnp.zeros((batch_size, self.d_model), self.dtype)
+    if self.row.rope:
+      cache["position"] = jnp.zeros((batch_size,), jnp.int32)
     return cache
 
   # ----------------------------------------------------------------- forward
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
                cache: Cache | None = None) -> MixerOutput:
     """x [B, T, D] -> MixerOutput(y [B, T, D], cache, {"mom_load_balance_loss"})."""
-    if x.ndim != 3 or x.shape[-1] != self.d_model:
-      raise ValueError(f"x: got shape {tuple(x.shape)}; expected [B, T, D] with "
-                       f"D = d_model = {self.d_model}")
-    if cache is not None and segment_ids is not None:
-      raise ValueError("segment_ids: must be None when a cache is passed (a cache holds "
-                       "one sequence per batch row)")
+    base.check_mixer_call(x, self.d_model, segment_ids, cache)
     batch, time, _ = x.shape
     arguments.check_segment_ids(segment_ids, batch, time)
-    heads, hd, slots = self.num_heads, self.head_dim, self.num_slots
+    heads, slots, row = self.num_heads, self.num_slots, self.row
 
     routed = routing.route(self.router_logits(x), self.top_k, "topk_softmax")
     memories, weights = routed.experts, routed.weights
@@ -286,82 +310,83 @@ class MixtureOfMemories(nnx.Module):
           [memories, jnp.full((batch, time, 1), self.num_memories, jnp.int32)], axis=-1)
       weights = jnp.concatenate([weights, jnp.ones((batch, time, 1), f32)], axis=-1)
     copies = _Copies(memories, segment_ids)
-    proj = self.memory_inputs(x)
-    q = proj["q"][copies.rows, copies.tok]                                   # [B, N, H*K]
-    k, v, g = (copies.gather(proj[n]) for n in ("k", "v", "g"))
-    beta = copies.gather(proj["beta"]) if "beta" in proj else None
-
+    proj = self.memory_inputs(x, previous=None if cache is None else cache.get("shift"),
+                              segment_ids=segment_ids)
     new_cache: Cache | None = None if cache is None else {}
+    if self.shift_mix is not None and new_cache is not None:
+      new_cache["shift"] = x[:, -1].astype(self.dtype)
+    streams = {"q": proj["q"][copies.rows, copies.tok], "v": copies.gather(proj["v"])}
+    if "k" in proj:
+      streams["k"] = copies.gather(proj["k"])
     if self.use_short_conv:
-      convs = ((self.q_conv, "conv_q", q), (self.k_conv, "conv_k", k), (self.v_conv, "conv_v", v))
-      outs = []
-      for conv, name, value in convs:
+      for conv, name, stream in self._convs():
+        value = streams[stream]
         prefix = (jnp.zeros((batch, slots, conv.kernel_size - 1, value.shape[-1]), value.dtype)
                   if cache is None else cache[name])
-        y, state = _stream_conv(conv, value, copies, slots, prefix)
-        outs.append(y)
+        streams[stream], state = _stream_conv(conv, value, copies, slots, prefix)
         if new_cache is not None:
           new_cache[name] = state.astype(cache[name].dtype)
-      q, k, v = outs
-    elif self.core == "gated_deltanet":
-      q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
-    split = lambda a: a.reshape(batch, -1, heads, hd)
-    q, k, v = split(q), split(k), split(v)
-    if self.core == "gated_deltanet":
-      q, k = l2_normalise(q).astype(v.dtype), l2_normalise(k).astype(v.dtype)
+    elif row.short_conv:   # the core's conv carries a SiLU; without the conv it stays
+      streams = {n: jax.nn.silu(a) for n, a in streams.items()}
+    split = lambda a: a.reshape(batch, a.shape[1], heads, -1)
+    gate = gates.GateOut(*(None if n not in proj else copies.gather(proj[n])
+                           for n in gates.GateOut._fields))
+    q = self.q_map(split(streams["q"]))
+    k = gate.keys if self.k_map is None else self.k_map(split(streams["k"]))
+    v = split(streams["v"])
+    positions = None
+    if row.rope:
+      start = jnp.zeros((batch,), jnp.int32) if cache is None else cache["position"]
+      positions = start[:, None] + copies.tok
+      if new_cache is not None:
+        new_cache["position"] = start + time
+    q, k, v_in, inputs = self.stages.inputs(
+        q, k, v, gate, None if "beta" not in proj else copies.gather(proj["beta"]),
+        positions=positions,
+        removal_logit=None if self.removal_logit is None else self.removal_logit[...],
+        correction=None if self.correction is None else self.correction[...])
+    head_inputs = {} if self.bonus is None else {"bonus": self.bonus[...].astype(f32)}
 
     if cache is None:
-      o_sorted = self._core(q, k, v, g, beta, segment_ids=copies.seg)[0]
+      o_sorted, _ = self.stages.run(q, k, v_in, inputs, head_inputs, dtype=self.dtype,
+                                    segment_ids=copies.seg, state=None, decode=False,
+                                    chunk_size=self.chunk_size, impl=self.impl)
     else:
-      o_sorted, new_cache["state"] = self._core_masked(q, k, v, g, beta, copies, time,
-                                                       cache["state"])
-    o = copies.unsort(o_sorted.astype(f32)).reshape(batch, time, -1, heads, hd)
+      o_sorted, new_cache["state"] = self._masked(q, k, v_in, inputs, head_inputs, copies,
+                                                  time, cache["state"])
+    o_sorted = self.stages.output(o_sorted, v, None if self.skip is None else self.skip[...])
+    o = copies.unsort(o_sorted).reshape(batch, time, -1, heads, self.head_dim)
     o = jnp.einsum("btjhv,btj->bthv", o, weights)
-    gate = (x.astype(self.dtype) @ self.out_gate_proj[...].astype(self.dtype))
-    o = self.o_norm(o, gate.reshape(batch, time, heads, hd)).reshape(batch, time, heads * hd)
-    y = o.astype(self.dtype) @ self.o_proj[...].astype(self.dtype)
+    if self.out_gate_proj is not None:
+      z = x.astype(self.dtype) @ self.out_gate_proj[...].astype(self.dtype)
+      o = self.o_norm(o, z.reshape(batch, time, heads, self.head_dim))
+    elif self.o_norm is not None:
+      o = self.o_norm(o)
+    y = o.reshape(batch, time, -1).astype(self.dtype) @ self.o_proj[...].astype(self.dtype)
     return MixerOutput(y, new_cache, aux)
 
-  def _core(self, q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
-            beta: jax.Array | None, *, segment_ids: jax.Array | None = None,
-            initial_state: jax.Array | None = None,
-            output_final_state: bool = False) -> tuple[jax.Array, jax.Array | None]:
-    """One call of the core op on [B, L, H, *] inputs."""
-    common = dict(initial_state=initial_state, segment_ids=segment_ids,
-                  output_final_state=output_final_state, chunk_size=self.chunk_size,
-                  impl=self.impl)
-    if self.core == "gla":
-      return ops.gated_linear_attention(q, k, v, g, **common)
-    return ops.delta_rule(q, k, v, beta, g, **common)
-
-  def _core_masked(self, q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
-                   beta: jax.Array | None, copies: _Copies, time: int,
-                   state: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def _masked(self, q: jax.Array, k: jax.Array, v: jax.Array, inputs: dict[str, jax.Array],
+              head_inputs: dict[str, jax.Array], copies: _Copies, time: int,
+              state: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Every memory over the whole call from its own state, unrouted tokens masked.
 
-    Sorted copies [B, N, ...] are scattered to [B*M', T, ...] (zeros where a
-    token is not routed: k = v = 0, g = 0, beta = 0 leave the state as it is);
-    one op call (T > 1) or the step op (T = 1). Returns (o per sorted copy
-    [B, N, H, V], new states [B, M', H, K, V]).
+    Sorted copies [B, N, ...] are scattered to [B*M', T, ...] (zeros where a token is
+    not routed: k = v = 0, g = 0, beta = removal = 0 leave the state as it is); one op
+    call (T > 1) or the step op (T = 1). Returns (o per sorted copy [B, N, H, V'],
+    new states [B, M', H, K', V']).
     """
     batch, slots = q.shape[0], self.num_slots
     rows, mem, tok = copies.rows, copies.mem, copies.tok
 
     def masked(a: jax.Array) -> jax.Array:
       out = jnp.zeros((batch, slots, time) + a.shape[2:], a.dtype).at[rows, mem, tok].set(a)
-      out = out.reshape((batch * slots, time) + a.shape[2:])
-      return out[:, 0] if time == 1 else out
+      return out.reshape((batch * slots, time) + a.shape[2:])
 
-    qm, km, vm, gm = masked(q), masked(k), masked(v), masked(g)
-    bm = None if beta is None else masked(beta)
-    s0 = state.reshape((batch * slots,) + state.shape[2:])
-    if time == 1:
-      if self.core == "gla":
-        o, s1 = ops.gated_linear_attention_step(qm, km, vm, gm, state=s0)
-      else:
-        o, s1 = ops.delta_rule_step(qm, km, vm, bm, gm, state=s0)
-      o = o[:, None]
-    else:
-      o, s1 = self._core(qm, km, vm, gm, bm, initial_state=s0, output_final_state=True)
+    o, new_state = self.stages.run(
+        masked(q), masked(k), masked(v), {n: masked(a) for n, a in inputs.items()},
+        head_inputs, dtype=self.dtype, segment_ids=None,
+        state=state.reshape((batch * slots,) + state.shape[2:]), decode=time == 1,
+        chunk_size=self.chunk_size, impl=self.impl)
     o = o.reshape((batch, slots, time) + o.shape[2:])
-    return o[rows, mem, tok], s1.reshape(state.shape)
+    return o[rows, mem, tok], new_state.reshape(state.shape)
+

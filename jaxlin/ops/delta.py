@@ -39,6 +39,7 @@ from jaxlin.ops import chunking
 from jaxlin.ops import delta_pallas
 from jaxlin.ops import delta_terms
 from jaxlin.ops import reference
+from jaxlin.ops import span
 from pallas_kernels import dispatch
 
 f32 = jnp.float32
@@ -118,6 +119,49 @@ def delta_rule(
           q, k, v32, beta, g, p, b, initial_state, segment_ids, matmul_dtype=v.dtype,
           platform=platform, options=kernel or dispatch.KernelOptions())
   return o.astype(v.dtype), (final if output_final_state else None)
+
+
+def delta_span_summary(
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    g: jax.Array | None = None,
+    *,
+    removal_key: jax.Array | None = None,
+    removal: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    chunk_size: int = 64,
+    impl: str = "xla",
+) -> span.SpanSummary:
+  """The span's affine effect on the state, S_end = M S_start + N (`jaxlin.ops.span`).
+
+  M = prod_t exp(g_t)(I - b_t k_t p_t^T) (later tokens on the left), composed from the
+  chunked form's own per-chunk transitions Gamma_C I - K~^T W_k (`delta_terms`), 0 when a
+  document starts inside the span; N = the span's final state from zero (this op with
+  `impl`).
+
+  Args: k [B, T, H, K]; v [B, T, H, V]; beta, removal [B, T, H]; g None or [B, T, H];
+    removal_key [B, T, H, K]; as the op.
+  Returns: SpanSummary(M [B, H, K, K] float32, N [B, H, K, V] float32).
+  """
+  _, final = delta_rule(jnp.zeros_like(k), k, v, beta, g, removal_key=removal_key,
+                        removal=removal, segment_ids=segment_ids, output_final_state=True,
+                        chunk_size=chunk_size, impl=impl)
+  cast = lambda x: None if x is None else x.astype(f32)
+  k32, beta32 = cast(k), cast(beta)
+  p = k32 if removal_key is None else cast(removal_key)
+  b = beta32 if removal is None else cast(removal)
+  chunk = chunking.chunk_length(k.shape[1], chunk_size)
+  no_values = jnp.zeros(k.shape[:3] + (0,), f32)
+  terms = delta_terms.chunk_terms(k32, k32, no_values, beta32, cast(g), p, b, segment_ids, chunk)
+  eye = jnp.eye(k.shape[-1], dtype=f32)
+  transitions = (terms.decay[..., None, None] * eye
+                 - jnp.einsum("bhnck,bhncl->bhnkl", terms.k_out, terms.w_k))
+  first = jnp.broadcast_to(eye, transitions.shape[:2] + eye.shape)
+  product, _ = jax.lax.scan(lambda m, t: (jnp.einsum("bhkl,bhlm->bhkm", t, m), None),
+                            first, jnp.moveaxis(transitions, 2, 0))
+  keep = span.no_reset_inside(segment_ids, k.shape[0])[:, None, None, None]
+  return span.SpanSummary(product * keep, final)
 
 
 def delta_rule_step(

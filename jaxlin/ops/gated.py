@@ -37,6 +37,7 @@ from jaxlin.ops import chunking
 from jaxlin.ops import gated_pallas
 from jaxlin.ops import gated_terms
 from jaxlin.ops import reference
+from jaxlin.ops import span
 from pallas_kernels import dispatch
 
 f32 = jnp.float32
@@ -107,6 +108,39 @@ def gated_linear_attention(
           q, k, v32, g, bonus, initial_state, segment_ids, matmul_dtype=v.dtype,
           platform=platform, options=kernel or dispatch.KernelOptions())
   return o.astype(v.dtype), (final if output_final_state else None)
+
+
+def gated_span_summary(
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array | None = None,
+    *,
+    bonus: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    chunk_size: int = 64,
+    impl: str = "xla",
+) -> span.SpanSummary:
+  """The span's affine effect on the state, S_end = M S_start + N (`jaxlin.ops.span`).
+
+  M = Diag(exp(sum_t g_t)) over the span (no gate: the identity; a scalar gate is
+  broadcast over K), 0 when a document starts inside the span; N = the span's final state
+  from zero (this op with `impl`). The bonus does not touch the state.
+
+  Args: k [B, T, H, K]; v [B, T, H, V]; g None, [B, T, H] or [B, T, H, K]; as the op.
+  Returns: SpanSummary(M [B, H, K] float32, N [B, H, K, V] float32).
+  """
+  del bonus
+  batch, _, heads, key_dim = k.shape
+  _, final = gated_linear_attention(jnp.zeros_like(k), k, v, g, segment_ids=segment_ids,
+                                    output_final_state=True, chunk_size=chunk_size, impl=impl)
+  if g is None:
+    total = jnp.zeros((batch, heads, key_dim), f32)
+  else:
+    total = jnp.sum(g.astype(f32), axis=1)
+    total = jnp.broadcast_to(total[..., None] if g.ndim == 3 else total,
+                             (batch, heads, key_dim))
+  keep = span.no_reset_inside(segment_ids, batch)[:, None, None]
+  return span.SpanSummary(jnp.exp(total) * keep, final)
 
 
 def gated_linear_attention_step(

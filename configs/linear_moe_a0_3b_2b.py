@@ -4,7 +4,7 @@
         --config.data.source=jsonl --config.data.paths='/data/corpus/*.jsonl' \
         --config.data.tokenizer=/models/qwen2/tokenizer.json --config.workdir=/ckpt/a0_3b_2b
 
-The paper's model and optimiser (DESIGN.md §9): GLA token mixers in every
+The paper's model and optimiser (docs/design.md §9): GLA token mixers in every
 block, MoE in every block (64 experts, top-8, no renormalisation), untied
 151,936-token (Qwen2) vocabulary, init std 0.008; AdamW (0.9, 0.95), weight
 decay 0.1, clipping 1.0, cosine 1e-4 -> 1e-5, sequence length 2048.

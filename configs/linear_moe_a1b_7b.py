@@ -4,7 +4,7 @@
         --config.data.source=jsonl --config.data.paths='/data/corpus/*.jsonl' \
         --config.data.tokenizer=/models/qwen2/tokenizer.json --config.workdir=/ckpt/a1b_7b
 
-The paper's model and optimiser (DESIGN.md §9; everything but the model is
+The paper's model and optimiser (docs/design.md §9; everything but the model is
 shared with configs/linear_moe_a0_3b_2b.py): GLA token mixers in every
 block, MoE in every block (64 experts, top-8, no renormalisation), untied
 151,936-token (Qwen2) vocabulary, init std 0.008; AdamW (0.9, 0.95), weight

@@ -15,7 +15,7 @@ Dtypes are names: `param_dtype` (float32) and `dtype`, the compute dtype;
 dtype="auto" means bfloat16 on GPU/TPU and float32 on CPU, resolved by
 `ModelConfig.compute_dtype()` when the model is built.
 
-The two Linear-MoE paper sizes (DESIGN.md §9) are presets:
+The two Linear-MoE paper sizes (docs/design.md §9) are presets:
 `ModelConfig.preset("A0.3B-2B")`, `ModelConfig.preset("A1B-7B")`.
 
 Legend: D = d_model, H = num_heads, E = num_experts, F = hidden width.
@@ -303,7 +303,7 @@ class _FrozenDict(dict):
   __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _readonly  # type: ignore
 
 
-# The Linear-MoE paper sizes (arXiv 2503.05447; DESIGN.md §9): every block MoE,
+# The Linear-MoE paper sizes (arXiv 2503.05447; docs/design.md §9): every block MoE,
 # 64 experts top-8, untied 152k (Qwen2) vocabulary, init std 0.008. The token
 # mixer defaults to pure GLA; override pattern / linear_variant for others.
 PRESETS: dict[str, dict[str, Any]] = {

@@ -1,6 +1,6 @@
 """Shared helpers for the jaxlin.ops tests.
 
-Random inputs, independent numpy float64 references written from the DESIGN.md §4 formulas,
+Random inputs, independent numpy float64 references written from the docs/design.md §4 formulas,
 jitted wrappers around the ops (forward, forward+gradients, token-by-token step) and comparisons.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Every kernel configuration the dispatcher can select lowers for TPU (Mosaic) and CUDA (Triton).
 
 No accelerator is needed: `jax.export` runs the Pallas -> Mosaic lowering for platform "tpu"; the
-Triton lowering runs for "cuda" under an abstract H100 mesh (DESIGN.md §7). This catches block
+Triton lowering runs for "cuda" under an abstract H100 mesh (docs/design.md §8). This catches block
 shapes a backend rejects and primitives it cannot lower. It does not check VMEM / shared memory
 sizes or run anything. Lowered: the forward and the backward kernel (the gradient of a loss).
 Selectable: K, V in `dispatch.GPU_DIMS` / `dispatch.TPU_DIMS`, bf16 / f16 / f32 inputs, with and

@@ -2,7 +2,7 @@
 
 The primitives: RMS normalisation (plain and with a SiLU output gate), the short
 depthwise causal convolution over time, and rotary position embeddings in the
-Hugging Face Llama convention. See DESIGN.md §5.
+Hugging Face Llama convention. See docs/design.md §5.
 """
 
 from jaxlin.layers.conv import ShortConv
@@ -75,7 +75,7 @@ __all__ += [
     "swiglu_param_count",
 ]
 
-# softmax attention (the N layer of hybrid models; DESIGN.md §5)
+# softmax attention (the N layer of hybrid models)
 from jaxlin.layers.attention import SoftmaxAttention, document_positions
 
 __all__ += [

@@ -1,4 +1,4 @@
-"""Short depthwise causal convolution over time (DESIGN.md §5: size 4, SiLU).
+"""Short depthwise causal convolution over time (docs/design.md §5: size 4, SiLU).
 
 Per channel c, with kernel w in R^{K x C} (tap K-1 multiplies the current token):
 

@@ -1,4 +1,4 @@
-"""Dense SwiGLU MLP, the channel mixer of a layer without MoE (DESIGN.md §5).
+"""Dense SwiGLU MLP, the channel mixer of a layer without MoE (docs/design.md §5).
 
     y = W_down^T ( silu(W_gate^T x) * (W_up^T x) )
 

@@ -1,4 +1,4 @@
-"""Mixture-of-Experts channel mixer with SwiGLU experts (DESIGN.md §5).
+"""Mixture-of-Experts channel mixer with SwiGLU experts (docs/design.md §5).
 
 Router (float32 throughout, whatever the compute dtype), for token x:
 

@@ -65,6 +65,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.chunk_recurrence.chunk_math import dot
+from pallas_kernels.chunk_recurrence.operands import with_absent
 from pallas_kernels.fused_terms.specs import (chunk_spec, compiler_params, gate_operands,
                                               gradient_operands, value_block_call)
 
@@ -227,8 +228,7 @@ def scores_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
   docs = rel is not None
 
   def kernel(*refs: Any) -> None:
-    q_ref, k_ref, b_ref, *rest = refs
-    rel_ref, a_ref = rest if docs else (None, *rest)
+    q_ref, k_ref, b_ref, rel_ref, a_ref = with_absent(refs, (True, True, True, docs, True))
 
     def add_key_block(kb: jax.Array, acc: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
       scores = _scores(_load(q_ref, k_ref, b_ref, rel_ref, pl.ds(kb * bk, bk)))
@@ -270,8 +270,8 @@ def output_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
   docs = rel is not None
 
   def kernel(*refs: Any) -> None:
-    q_ref, _, b_ref, *rest = refs
-    rel_ref, a_ref, s_ref, w_ref, o_ref = rest if docs else (None, *rest)
+    q_ref, _, b_ref, rel_ref, a_ref, s_ref, w_ref, o_ref = with_absent(
+        refs, (True, True, True, docs, True, True, True, True))
     mm = q_ref.dtype
     incoming, _ = _reach(b_ref[...], None if rel_ref is None else rel_ref[...])
     q_in = (incoming * q_ref[...].astype(f32)).astype(mm)
@@ -319,8 +319,8 @@ def gradient_pass(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array,
   docs = rel is not None
 
   def kernel(*refs: Any) -> None:
-    _, k_ref, b_ref, *rest = refs
-    rel_ref, a_ref, do_ref, g_ref, dv_ref = rest if docs else (None, *rest)
+    _, k_ref, b_ref, rel_ref, a_ref, do_ref, g_ref, dv_ref = with_absent(
+        refs, (True, True, True, docs, True, True, True, True))
     mm = k_ref.dtype
     _, outgoing = _reach(b_ref[...], None if rel_ref is None else rel_ref[...])
     k_out = (outgoing * k_ref[...].astype(f32)).astype(mm)
@@ -353,10 +353,8 @@ def key_gradient_pass(q: jax.Array, k: jax.Array, v: jax.Array, b: jax.Array,
   docs = rel is not None
 
   def kernel(*refs: Any) -> None:
-    q_ref, k_ref, v_ref, b_ref, *rest = refs
-    if not docs:
-      rest = [None, *rest]
-    rel_ref, s_ref, g_ref, do_ref, dq_ref, dk_ref, db_ref = rest
+    q_ref, k_ref, v_ref, b_ref, rel_ref, s_ref, g_ref, do_ref, dq_ref, dk_ref, db_ref = (
+        with_absent(refs, (True,) * 4 + (docs,) + (True,) * 6))
     mm = q_ref.dtype
     c = _load(q_ref, k_ref, b_ref, rel_ref)
     row_block = lambda i: pl.ds(i * BLOCK, BLOCK)

@@ -47,6 +47,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.chunk_recurrence.chunk_math import dot
+from pallas_kernels.chunk_recurrence.operands import with_absent
 from pallas_kernels.fused_terms.specs import (chunk_spec, compiler_params, gradient_operands,
                                               value_block_call)
 
@@ -111,8 +112,8 @@ def output_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array | None,
   docs = rel is not None
 
   def kernel(*refs):
-    q_ref, k_ref, b_ref, *rest = refs
-    rel_ref, s_ref, w_ref, o_ref = rest if docs else (None, *rest)
+    q_ref, k_ref, b_ref, rel_ref, s_ref, w_ref, o_ref = with_absent(
+        refs, (True, True, True, docs, True, True, True))
     mm = q_ref.dtype
     dec = chunk_decays(b_ref[...], _rel(rel_ref))
     qv = q_ref[...]
@@ -137,12 +138,8 @@ def value_gradient_pass(q: jax.Array, k: jax.Array, b: jax.Array, rel: jax.Array
   docs, with_states = rel is not None, d_states is not None
 
   def kernel(*refs):
-    q_ref, k_ref, b_ref, *rest = refs
-    if not docs:
-      rest = [None, *rest]
-    if not with_states:
-      rest = [*rest[:2], None, rest[2]]
-    rel_ref, do_ref, g_ref, out_ref = rest
+    q_ref, k_ref, b_ref, rel_ref, do_ref, g_ref, out_ref = with_absent(
+        refs, (True, True, True, docs, True, with_states, True))
     mm = q_ref.dtype
     dec = chunk_decays(b_ref[...], _rel(rel_ref))
     kv = k_ref[...]
@@ -200,12 +197,9 @@ def key_gradient_pass(q: jax.Array, k: jax.Array, w: jax.Array, b: jax.Array,
   docs, delta = rel is not None, d_w is not None
 
   def kernel(*refs):
-    q_ref, k_ref, w_ref, b_ref, *rest = refs
-    if not docs:
-      rest = [None, *rest]
-    if not delta:
-      rest = [*rest[:4], None, *rest[4:6], None, rest[6]]
-    rel_ref, s_ref, g_ref, do_ref, dw_ref, dq_ref, dk_ref, dwk_ref, db_ref = rest
+    (q_ref, k_ref, w_ref, b_ref, rel_ref, s_ref, g_ref, do_ref, dw_ref, dq_ref, dk_ref,
+     dwk_ref, db_ref) = with_absent(refs, (True, True, True, True, docs, True, True, True,
+                                           delta, True, True, delta, True))
     mm = q_ref.dtype
     dec = chunk_decays(b_ref[...], _rel(rel_ref))
     qv, kv = q_ref[...], k_ref[...]                                     # [C, bk]

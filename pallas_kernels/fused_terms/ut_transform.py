@@ -47,6 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from pallas_kernels.chunk_recurrence.chunk_math import dot
+from pallas_kernels.chunk_recurrence.operands import with_absent
 from pallas_kernels.fused_terms.specs import chunk_spec
 
 f32 = jnp.float32
@@ -224,8 +225,8 @@ def _forward_call(num_warps: int, interpret: bool, k: jax.Array, p: jax.Array, v
   docs = rel is not None
 
   def kernel(*refs: Any) -> None:
-    k_ref, p_ref, v_ref, beta_ref, s_ref, cum_ref, *rest = refs
-    rel_ref, u_ref, w_ref, t_ref = rest if docs else (None, *rest)
+    k_ref, p_ref, v_ref, beta_ref, s_ref, cum_ref, rel_ref, u_ref, w_ref, t_ref = with_absent(
+        refs, (True,) * 6 + (docs,) + (True,) * 3)
     mm = k_ref.dtype
     x = _rows(blocks, beta_ref, s_ref, cum_ref, rel_ref)
     scores = _block_scores(p_ref, k_ref, blocks)
@@ -301,9 +302,8 @@ def _backward_columns(num_warps: int, interpret: bool, docs: bool, inputs: list[
   value_dim = v.shape[-1]
 
   def kernel(*refs: Any) -> None:
-    _, p_ref, v_ref, beta_ref, _, _, *rest = refs
-    _, *rest = rest if docs else (None, *rest)
-    t_ref, u_ref, w_ref, du_ref, dw_ref, dv_ref, dbeta_ref, reach_ref, dl_ref = rest
+    (_, p_ref, v_ref, beta_ref, _, _, _, t_ref, u_ref, w_ref, du_ref, dw_ref, dv_ref, dbeta_ref,
+     reach_ref, dl_ref) = with_absent(refs, (True,) * 6 + (docs,) + (True,) * 9)
     mm = p_ref.dtype
     beta = beta_ref[...][:, None]
     t = t_ref[...].astype(mm)
@@ -346,9 +346,8 @@ def _backward_keys(num_warps: int, interpret: bool, docs: bool, inputs: list[jax
   rows, num, chunk, key_dim = k.shape
 
   def kernel(*refs: Any) -> None:
-    k_ref, p_ref, _, _, s_ref, cum_ref, *rest = refs
-    rel_ref, *rest = rest if docs else (None, *rest)
-    t_ref, dw_ref, reach_ref, dl_ref, dk_ref, dp_ref, ds_ref, dcum_ref = rest
+    (k_ref, p_ref, _, _, s_ref, cum_ref, rel_ref, t_ref, dw_ref, reach_ref, dl_ref, dk_ref,
+     dp_ref, ds_ref, dcum_ref) = with_absent(refs, (True,) * 6 + (docs,) + (True,) * 8)
     mm = k_ref.dtype
     strength, incoming, decays = _chunk_terms(s_ref, cum_ref, rel_ref)
     scores = jnp.zeros((chunk, chunk), f32)                     # P K^T

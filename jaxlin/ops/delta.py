@@ -23,7 +23,9 @@ W_k = (I+L)^{-1} diag(b Gamma) P (one triangular inverse per chunk), and
     S_end = (Gamma_C I - K~^T W_k) S_0 + K~^T U,  K~_j = exp(b^g_C - b^g_j) k_j
 
 The chunks are joined by S_{n+1} = M_n S_n + N_n, M_n = Gamma_C I - K~^T W_k
-(a K x K matrix per chunk), the only sequential part.
+(a K x K matrix per chunk), the only sequential part. The in-chunk terms are
+`delta_terms`, the kernel path `delta_pallas`; `delta_span_summary` composes the
+M_n of a span (`jaxlin.ops.span`).
 
 Legend: B batch, T time, H heads, K key dim, V value dim; chunked tensors are
 [B, H, N, C, D] (N chunks of length C).

@@ -19,9 +19,11 @@ chunk, state S_0 entering it, b^q = b, or b - g with a bonus):
 
 Every exponent above is <= 0 (b decreases), so nothing overflows. For per-key
 gates the in-chunk scores sum over K inside the exp and cannot be one matmul
-in general; `_vector_gate_scores` picks, at run time, the cheapest of three
-exact forms that the observed gate span allows (midpoint factorisation over
-the chunk, over 16-token sub-chunks, or a masked [16, 16, K] exponent).
+in general; `gated_terms` picks, at run time, the cheapest of three exact
+forms that the observed gate span allows (midpoint factorisation over the
+chunk, over 16-token sub-chunks, or a masked [16, 16, K] exponent). The
+kernel path is `gated_pallas`; `gated_span_summary` gives a span's affine
+effect on the state (`jaxlin.ops.span`).
 
 Legend: B batch, T time, H heads, K key dim, V value dim; chunked tensors are
 [B, H, N, C, D] (N chunks of length C).

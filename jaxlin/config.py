@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from jaxlin import validation
 from jaxlin.layers import feature_maps, linear_attention, moe, routing
@@ -263,7 +264,6 @@ class ModelConfig:
     `vocab_size=None` (the default without a preset) means "the data's
     vocabulary" (jaxlin.training.train fills it in); a larger vocab_size pads it.
     """
-    import ml_collections  # only run configs need it
     if preset is not None:
       validation.choice("preset", preset, tuple(PRESETS))
     values = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()

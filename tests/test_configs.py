@@ -84,7 +84,7 @@ def test_typo_or_bad_type_in_an_override_fails(override: str, match: str) -> Non
     ("--config.model.linear_variant=gru", r"linear_variant"),
     ("--config.model.pattern=LXN", r"pattern"),
     ("--config.data.seq_len=0", r"data.seq_len"),
-    ("--config.optimizer.end_learning_rate=1.0", r"optimizer.end_learning_rate=1.0"),
+    ("--config.optimizer.end_learning_rate=1.0", r"optimizer.end_learning_rate: got 1.0"),
 ])
 def test_invalid_values_name_the_field(tmp_path, override: str, match: str) -> None:
   config = _load("default", override, f"--config.workdir={tmp_path}")

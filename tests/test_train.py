@@ -61,7 +61,7 @@ def test_decay_mask_spares_norms_biases_and_gates() -> None:
 
 @pytest.mark.parametrize("field,value,match", [
     ("learning_rate", 0.0, "optimizer.learning_rate"),
-    ("warmup_steps", 100, r"optimizer.warmup_steps=100: expected an int in \[0, train.num_steps"),
+    ("warmup_steps", 100, r"optimizer.warmup_steps: got 100; expected an int in \[0, train.num_steps"),
     ("b2", 1.0, "optimizer.b2"),
 ])
 def test_optimizer_config_errors_name_the_field(field: str, value: float, match: str) -> None:

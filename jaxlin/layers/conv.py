@@ -93,8 +93,8 @@ class ShortConv(nnx.Module):
     if state is None:
       state = self.init_state(batch, x.dtype)
     elif state.shape != (batch, k - 1, channels):
-      raise ValueError(f"state must be [B, K-1, C] = {(batch, k - 1, channels)}, "
-                       f"got {state.shape}")
+      validation.fail("state", f"shape {tuple(state.shape)}",
+                      f"[B, K-1, C] = {(batch, k - 1, channels)}")
     padded = jnp.concatenate([state.astype(f32), x.astype(f32)], axis=1)  # [B, T+K-1, C]
     weight = self.weight[...].astype(f32)
     if segment_ids is not None:

@@ -29,7 +29,10 @@ import time
 import warnings
 from typing import Any, Callable, Mapping, TextIO
 
+import jax
 import numpy as np
+
+from jaxlin import validation
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -147,9 +150,8 @@ def _resolve_tensorboard(option: bool | str) -> tuple[str, list[Any]] | None:
           "tensorboard=True needs tensorboardX or tensorboard: "
           "pip install tensorboardX (or tensorboard), or pass tensorboard=False")
     return None
-  if option not in _BACKEND_MODULES:
-    raise ValueError(
-        f"tensorboard must be a bool or one of {TENSORBOARD_OPTIONS}, got {option!r}")
+  validation.require(option in _BACKEND_MODULES, "tensorboard", option,
+                     f"a bool or one of {TENSORBOARD_OPTIONS}")
   modules = _import_backend(option)
   if modules is None:
     raise ImportError(f"tensorboard={option!r} but {option} is not installed: "
@@ -231,8 +233,8 @@ class MetricsWriter:
     """Appends the record of `metrics` (name -> scalar) at `step` of `split`."""
     if self._file is None:
       raise ValueError("MetricsWriter is closed")
-    if not isinstance(split, str) or not split or "/" in split:
-      raise ValueError(f"split must be a non-empty name without '/', got {split!r}")
+    validation.require(isinstance(split, str) and bool(split) and "/" not in split, "split",
+                       split, "a non-empty name without '/'")
     step = operator.index(step)
     clash = sorted(set(metrics) & set(RESERVED_KEYS))
     if clash:
@@ -313,7 +315,6 @@ def _format_value(value: Any) -> str:
 
 def _default_enabled() -> bool:
   """Only the first process of a multi-host run draws a bar."""
-  import jax  # pylint: disable=import-outside-toplevel
   return jax.process_index() == 0
 
 
@@ -332,8 +333,7 @@ class ProgressBar:
                stream: TextIO | None = None, enabled: bool | None = None,
                min_interval_s: float = 10.0, width: int = 20,
                clock: Callable[[], float] = time.monotonic) -> None:
-    if total_steps <= 0:
-      raise ValueError(f"total_steps must be positive, got {total_steps}")
+    validation.require(total_steps > 0, "total_steps", total_steps, "a number > 0")
     self.total_steps = total_steps
     self.initial_step = initial_step
     self.stream = sys.stderr if stream is None else stream

@@ -8,7 +8,7 @@
 Weight decay applies to the matrices (ndim >= 2: projections, experts, the
 embedding and head) and never to norms, biases or the parameters of a gate
 (anything under a module named in `NO_DECAY_MODULES`: decay gates such as
-Mamba2's A_log / dt_bias, RWKV6's bonus and token-shift mixes).
+Mamba2's A_log / dt_bias, MoM's per-memory gates, RWKV6's bonus and token-shift mixes).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import jax
 import ml_collections
 import optax
 
-NO_DECAY_MODULES = frozenset({"gate", "bonus", "shift_mix"})
+from jaxlin import validation
+
+NO_DECAY_MODULES = frozenset({"gate", "gates", "bonus", "shift_mix"})  # gates: MoM's
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -39,8 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
 def validate(config: ml_collections.ConfigDict, num_steps: int) -> None:
   """Raises ValueError naming the first invalid `optimizer.*` field."""
   def check(name: str, ok: bool, allowed: str) -> None:
-    if not ok:
-      raise ValueError(f"optimizer.{name}={config[name]!r}: expected {allowed}")
+    validation.require(ok, f"optimizer.{name}", config[name], allowed)
   check("learning_rate", config.learning_rate > 0, "> 0")
   check("end_learning_rate", 0 <= config.end_learning_rate <= config.learning_rate,
         f"in [0, learning_rate={config.learning_rate}]")

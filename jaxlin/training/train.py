@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlin import data as data_lib
 from jaxlin import validation
-from jaxlin.config import ModelConfig, model_config_for
+from jaxlin.config import model_config_for
 from jaxlin.training import metrics as metrics_lib
 from jaxlin.training import optim, plot, sample, steps
 from jaxlin.training.checkpoint import Checkpointer

@@ -21,6 +21,7 @@ import pytest
 from flax import nnx
 
 from jaxlin.layers import MixtureOfMemories
+from jaxlin.layers.linear_attention import VARIANTS, LinearAttention
 from jaxlin.layers.mom import CORES
 
 D, H, T, B = 32, 2, 13, 2
@@ -280,3 +281,97 @@ def test_call_errors() -> None:
            cache=module.init_cache(2, 3))
   with pytest.raises(ValueError, match=r"segment_ids: got shape \(2, 4\)"):
     module(jnp.zeros((2, 3, D)), segment_ids=jnp.zeros((2, 4), jnp.int32))
+
+
+# ------------------------------------------------------ one memory = the core layer itself
+def _perturb(module: nnx.Module, seed: int) -> None:
+  """Adds 0.1 N(0, 1) to every parameter (zero-initialised parts become active)."""
+  params = nnx.state(module, nnx.Param)
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  nnx.update(module, jax.tree.unflatten(
+      tree, [p + 0.1 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]))
+
+
+def _copy_core_into_mom(layer: LinearAttention, mom: MixtureOfMemories) -> None:
+  """Puts the core layer's weights into a one-memory MoM (linear in the weights, so it maps
+  gradients as well): projections (memory axis of size 1), the joint conv split into the
+  q / k / v convs, the gate, beta, the feature maps, the variant's extras and the output."""
+  slot = lambda a: a[...][None]
+  mom.q_proj[...] = layer.q_proj.kernel[...]
+  mom.v_proj[...] = slot(layer.v_proj.kernel)
+  if layer.k_proj is not None:
+    mom.k_proj[...] = slot(layer.k_proj.kernel)
+  if layer.conv is not None:
+    convs = [mom.q_conv] + ([mom.k_conv] if layer.k_proj is not None else []) + [mom.v_conv]
+    start = 0
+    for conv in convs:
+      conv.weight[...] = layer.conv.weight[...][:, start:start + conv.channels]
+      start += conv.channels
+  if layer.beta_proj is not None:
+    mom.beta_proj[...] = slot(layer.beta_proj.kernel)
+  pairs = [(mom.gates[0], layer.gate), (mom.q_map, layer.q_map), (mom.k_map, layer.k_map),
+           (mom.shift_mix, layer.shift_mix)]
+  for target, source in pairs:
+    if source is not None:
+      nnx.update(target, nnx.state(source, nnx.Param))
+  for name in ("removal_logit", "correction", "bonus", "skip"):
+    if getattr(layer, name) is not None:
+      getattr(mom, name)[...] = getattr(layer, name)[...]
+  if layer.g_proj is not None:
+    mom.out_gate_proj[...] = layer.g_proj.kernel[...]
+  if layer.norm is not None:
+    mom.o_norm.weight[...] = layer.norm.weight[...]
+  mom.o_proj[...] = layer.o_proj.kernel[...]
+
+
+def _check_one_memory_equals_core(variant: str) -> None:
+  row = VARIANTS[variant]
+  layer = LinearAttention(D, H, variant=variant, chunk_size=16, impl="xla", rngs=nnx.Rngs(0))
+  _perturb(layer, seed=1)
+  mom = MixtureOfMemories(D, H, core=variant, num_memories=1, top_k=1, shared_memory=False,
+                          use_short_conv=row.short_conv, norm_eps=1e-5, chunk_size=16,
+                          impl="xla", rngs=nnx.Rngs(2))
+  _copy_core_into_mom(layer, mom)
+  x = jnp.asarray(_x(9))
+  seg = jnp.asarray(np.stack([np.ones(T), np.where(np.arange(T) < 6, 1, 2)]), jnp.int32)
+  w = jnp.asarray(np.random.default_rng(10).normal(size=(B, T, D)), jnp.float32)
+
+  def value_and_grads(module: nnx.Module) -> Any:
+    graph, params, rest = nnx.split(module, nnx.Param, ...)
+
+    def loss(params, x):
+      y = nnx.merge(graph, params, rest)(x, segment_ids=seg).y
+      return jnp.sum(y * w), y
+
+    fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    return jax.jit(fn, compiler_options=COMPILER_OPTIONS)(params, x)
+
+  (_, y_core), (dp_core, dx_core) = value_and_grads(layer)
+  (_, y_mom), (dp_mom, dx_mom) = value_and_grads(mom)
+  _close(y_mom, np.asarray(y_core), CONT_RTOL, CONT_ATOL_REL)
+  _close(dx_mom, np.asarray(dx_core), CONT_RTOL, CONT_ATOL_REL)
+  # the core's parameter gradients, mapped like its weights, are MoM's (the router's is 0)
+  graph, _, rest = nnx.split(layer, nnx.Param, ...)
+  core_grads = nnx.merge(graph, dp_core, rest)
+  graph, params, rest = nnx.split(mom, nnx.Param, ...)
+  mapped = nnx.merge(graph, jax.tree.map(jnp.zeros_like, params), rest)
+  _copy_core_into_mom(core_grads, mapped)
+  expected = jax.tree_util.tree_leaves_with_path(nnx.state(mapped, nnx.Param))
+  for (path, want), got in zip(expected, jax.tree.leaves(dp_mom)):
+    scale = float(np.max(np.abs(np.asarray(want)))) or 1.0
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=CONT_RTOL,
+                               atol=CONT_ATOL_REL * scale, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("variant", CORES)
+def test_one_memory_top1_no_shared_equals_its_core_layer(variant: str) -> None:
+  """MoM with one memory, top-1 and no shared memory IS its core layer: the same output
+  and gradients (input and every weight) given the same weights."""
+  _check_one_memory_equals_core(variant)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v not in CORES])
+def test_one_memory_equals_every_other_core_layer(variant: str) -> None:
+  _check_one_memory_equals_core(variant)

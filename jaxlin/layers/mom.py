@@ -254,7 +254,8 @@ class MixtureOfMemories(nnx.Module):
     x [B, T, D] (previous [B, D]: RWKV6's token before x) -> q [B, T, H*K] (shared),
     v [B, T, M', H*V], k [B, T, M', H*K] (not when the gate gives the keys), the gate's
     g [B, T, M', H(, K)] float32 log gates, dt [B, T, M', H] and keys [B, T, M', H, K]
-    where it gives them, beta [B, T, M', H] (delta family).
+    where it gives them, beta [B, T, M', H] (delta family), and z [B, T, H*V], the output
+    gate's input x W_z (from RWKV6's "g" mix), when the core has an output gate.
     """
     xc = x.astype(self.dtype)
     xs = token_mixes(self.shift_mix, xc, previous, segment_ids)
@@ -269,6 +270,8 @@ class MixtureOfMemories(nnx.Module):
         out[name] = jnp.stack([getattr(o, name) for o in outs], axis=2)
     if self.beta_proj is not None:
       out["beta"] = jax.nn.sigmoid(per_slot(xc, self.beta_proj).astype(f32))
+    if self.out_gate_proj is not None:
+      out["z"] = xs["g"] @ w(self.out_gate_proj)
     return out
 
   def _convs(self) -> tuple[tuple[ShortConv, str, str], ...]:
@@ -358,8 +361,7 @@ class MixtureOfMemories(nnx.Module):
     o = copies.unsort(o_sorted).reshape(batch, time, -1, heads, self.head_dim)
     o = jnp.einsum("btjhv,btj->bthv", o, weights)
     if self.out_gate_proj is not None:
-      z = x.astype(self.dtype) @ self.out_gate_proj[...].astype(self.dtype)
-      o = self.o_norm(o, z.reshape(batch, time, heads, self.head_dim))
+      o = self.o_norm(o, proj["z"].reshape(batch, time, heads, self.head_dim))
     elif self.o_norm is not None:
       o = self.o_norm(o)
     y = o.reshape(batch, time, -1).astype(self.dtype) @ self.o_proj[...].astype(self.dtype)

@@ -8,7 +8,10 @@ positions). The token mixer is selectable: any `--config.model.linear_variant`
 (gla, mamba2, deltanet, gated_deltanet, comba, ...), MoM with
 `--config.model.mixer=mom`, or softmax attention with `--config.model.pattern=N`
 as the upper reference. The eval `accuracy` in metrics.jsonl is the recall
-accuracy (1/4096 is chance for a value, so anything clearly above 0 is recall).
+accuracy. Two plateaus are not recall: a uniform guess over the 4096 values
+scores 1/4096 (loss ln 4096 = 8.32), and a model that answers with any value it
+saw in the context, without binding it to its key, scores about 1/num_kv_pairs
+= 1/16. Recall is accuracy clearly above 1/16.
 
 What to expect: on the 2-core CPU machine a step took ~5 s while another job
 shared the cores (4096 tokens per step), and 60 steps only moved the eval loss

@@ -107,7 +107,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "auto"                  # compute dtype; "auto": bf16 on GPU/TPU, f32 on CPU
   remat: bool = False                  # nnx.remat every block (training forward)
-  init_std: float = 0.02               # N(0, std^2): embedding, head, MLP / MoE, softmax, MoM
+  init_std: float = 0.02               # N(0, std^2): embedding, head, MLP / MoE, softmax, MoM router
   norm_eps: float = 1e-6               # of the model's RMSNorms
 
   def __post_init__(self) -> None:

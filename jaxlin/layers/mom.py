@@ -158,7 +158,8 @@ class MixtureOfMemories(nnx.Module):
   """MoM token mixer over the core variant `core` (see the module docstring).
 
   y = W_o GatedRMSNorm(sum_j w_j o^{m_j} + o^shared, x W_z), o^m the core's output from
-  memory m's own state. Cache: {"state": [B, M', H, K', V'] float32} plus {"conv_q",
+  memory m's own state. The projections start as the core layer's (LeCun normal);
+  `init_std` is the router's. Cache: {"state": [B, M', H, K', V'] float32} plus {"conv_q",
   "conv_k", "conv_v": [B, M', P, C]} with the short conv, "shift" [B, D] for RWKV6's
   token shift, "position" [B] for RoPE.
   """
@@ -178,7 +179,7 @@ class MixtureOfMemories(nnx.Module):
       conv_size: int = 4,
       gate_low_rank: int = 16,
       gate_options: dict[str, Any] | None = None,
-      norm_eps: float = 1e-6,
+      norm_eps: float = 1e-5,
       chunk_size: int = 64,
       impl: str = "auto",
       init_std: float = 0.02,
@@ -209,18 +210,23 @@ class MixtureOfMemories(nnx.Module):
     self.dtype, self.param_dtype = dtype, param_dtype
     hk, hv = num_heads * self.key_dim, num_heads * self.head_dim
     slots = self.num_slots
-    init = jax.nn.initializers.normal(init_std)
-    param = lambda *shape: nnx.Param(init(rngs.params(), shape, param_dtype))
+    # The projections start as the core layer's nnx.Linear kernels (LeCun normal over the
+    # fan-in), one draw per memory, and the norm takes the core's eps: a one-memory MoM is
+    # its core layer at init (in distribution). The router ~ N(0, init_std^2).
+    lecun = lambda batch_axis: jax.nn.initializers.lecun_normal(batch_axis=batch_axis)
+    param = lambda *shape: nnx.Param(lecun(())(rngs.params(), shape, param_dtype))
+    per_slot = lambda *shape: nnx.Param(lecun(0)(rngs.params(), (slots, *shape), param_dtype))
     kw = {"rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
-    self.router = param(d_model, num_memories)
+    self.router = nnx.Param(jax.nn.initializers.normal(init_std)(
+        rngs.params(), (d_model, num_memories), param_dtype))
     self.shift_mix = (gates.RWKV6TokenShift(d_model, **kw) if row.token_shift else None)
     self.q_proj = param(d_model, hk)
-    self.k_proj = None if spec.gives_keys else param(slots, d_model, hk)
-    self.v_proj = param(slots, d_model, hv)
+    self.k_proj = None if spec.gives_keys else per_slot(d_model, hk)
+    self.v_proj = per_slot(d_model, hv)
     context = gates.GateContext(d_model, num_heads, self.key_dim, layer_index, num_layers,
                                 dict(gate_low_rank=gate_low_rank, **(gate_options or {})), **kw)
     self.gates = nnx.List([spec.build(context) for _ in range(slots)])
-    self.beta_proj = param(slots, d_model, num_heads) if row.recurrence.write_strength else None
+    self.beta_proj = per_slot(d_model, num_heads) if row.recurrence.write_strength else None
     self.removal_logit = nnx.Param(jnp.ones((num_heads,), param_dtype)) if row.removal else None
     self.correction = (nnx.Param(jnp.ones((num_heads,), param_dtype))
                        if row.query_correction else None)

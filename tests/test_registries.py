@@ -211,6 +211,17 @@ def check_layer(kind: str, variant: str) -> None:
   _close(cached, full, f"{label}: prefill + decode vs forward")
 
 
+def test_every_row_fits_its_family_and_gate() -> None:
+  for name, row in VARIANTS.items():
+    row.check(name)
+  with pytest.raises(ValueError, match=r"bad.family: got 'recurrent'; expected one of "):
+    Variant("recurrent", "none", "identity", False, False, True).check("bad")
+  with pytest.raises(ValueError, match=r"bad.bonus: got True; expected False"):
+    Variant("delta", "none", "identity", False, False, True, bonus=True).check("bad")
+  with pytest.raises(ValueError, match=r"gate: got 'lstm'; expected one of \('none', "):
+    Variant("gated", "lstm", "identity", False, False, True).check("bad")
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_variant_in_linear_attention(variant: str) -> None:
   check_layer("linear", variant)

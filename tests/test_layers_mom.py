@@ -240,6 +240,23 @@ def test_prefill_and_decode_equal_full_forward(core: str) -> None:
   _close(jnp.concatenate(ys, axis=1), full, CONT_RTOL, CONT_ATOL_REL)
 
 
+@pytest.mark.parametrize("core", CORES)
+def test_xla_without_shared_memory_decodes_like_the_full_forward(core: str) -> None:
+  """The cache path with the chunked op and no shared memory (a token routed nowhere else
+  leaves every other memory's state as it was)."""
+  module, f = _jitted(core, False, 3, True, "xla")
+  x = jnp.asarray(_x(11))
+  full = np.asarray(f(x).y)
+  _close(full, naive_mom(module, np.asarray(x)), RTOL, ATOL_REL)
+  first = f(x[:, :5], cache=module.init_cache(B, T))
+  ys, cache = [first.y], first.cache
+  for t in range(5, T):
+    out = f(x[:, t:t + 1], cache=cache)
+    ys.append(out.y)
+    cache = out.cache
+  _close(jnp.concatenate(ys, axis=1), full, CONT_RTOL, CONT_ATOL_REL)
+
+
 def test_load_balance_loss_matches_numpy() -> None:
   module, f = _jitted("gla", True, 3, True, "reference")
   x = _x(1)

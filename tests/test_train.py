@@ -128,24 +128,25 @@ def test_run_writes_metrics_checkpoints_plot_and_samples(straight_run) -> None:
 
 @pytest.mark.slow   # CI step 2 (about 70 s on 2 cores)
 def test_resume_after_sigterm_is_exact(straight_run, tmp_path, monkeypatch) -> None:
-  """8 steps in one go == SIGTERM after step 3 (checkpoint) + a second run to step 8."""
+  """8 steps in one go == SIGTERM after step 6 (checkpoint; step 4's is on disk too) + a
+  second run to step 8, which must resume from the newest checkpoint."""
   straight_dir, _ = straight_run
   workdir = str(tmp_path)
   original = train._device_batches
 
   def batches_then_sigterm(*args, **kwargs):
     for count, batch in enumerate(original(*args, **kwargs), start=1):
-      if count == 3:
-        os.kill(os.getpid(), signal.SIGTERM)  # the handler records it; step 3 still runs
+      if count == 6:
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler records it; step 6 still runs
       yield batch
 
   monkeypatch.setattr(train, "_device_batches", batches_then_sigterm)
   first = train.train(tiny_config(workdir))
   monkeypatch.setattr(train, "_device_batches", original)
-  assert first.interrupted == "SIGTERM" and first.final_step == 3
-  assert "3" in os.listdir(os.path.join(workdir, "checkpoints"))
+  assert first.interrupted == "SIGTERM" and first.final_step == 6
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
   second = train.train(tiny_config(workdir))
-  assert second.start_step == 3 and second.final_step == 8
+  assert second.start_step == 6 and second.final_step == 8
   assert train_losses(workdir) == train_losses(straight_dir)  # bit-identical floats
   for a, b in zip(checkpoint_params(workdir, 8), checkpoint_params(straight_dir, 8)):
     np.testing.assert_array_equal(a, b)

@@ -26,6 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxlin import validation
+from jaxlin.training import tree_paths
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint in the work directory does not fit the model the config builds."""
@@ -37,13 +38,7 @@ class CheckpointCorruptError(RuntimeError):
 
 def _path_key(path: tuple[Any, ...]) -> str:
   """'blocks/0/mixer/q_proj/kernel' for a pytree path (int and str keys alike)."""
-  parts = []
-  for entry in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(entry, attr):
-        parts.append(str(getattr(entry, attr)))
-        break
-  return "/".join(parts)
+  return "/".join(tree_paths.path_names(path))
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

@@ -20,6 +20,7 @@ import ml_collections
 import optax
 
 from jaxlin import validation
+from jaxlin.training import tree_paths
 
 NO_DECAY_MODULES = frozenset({"gate", "gates", "bonus", "shift_mix"})  # gates: MoM's
 
@@ -61,21 +62,10 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, num_steps: int) ->
       decay_steps=num_steps, end_value=config.end_learning_rate)
 
 
-def _path_names(path: tuple[Any, ...]) -> list[str]:
-  """The key names of a pytree path (dict keys, attribute names, sequence indices)."""
-  names = []
-  for entry in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(entry, attr):
-        names.append(str(getattr(entry, attr)))
-        break
-  return names
-
-
 def decay_mask(params: Any) -> Any:
   """True for the parameters that get weight decay: ndim >= 2 and not inside a gate module."""
   def decays(path: tuple[Any, ...], leaf: jax.Array) -> bool:
-    return leaf.ndim >= 2 and not NO_DECAY_MODULES.intersection(_path_names(path))
+    return leaf.ndim >= 2 and not NO_DECAY_MODULES.intersection(tree_paths.path_names(path))
   return jax.tree_util.tree_map_with_path(decays, params)
 
 

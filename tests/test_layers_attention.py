@@ -163,16 +163,28 @@ def _np_rope(x: np.ndarray, pos: np.ndarray, theta: float) -> np.ndarray:
   return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def test_layer_matches_numpy() -> None:
+def _np_rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+  return x / np.sqrt(np.mean(x ** 2, axis=-1, keepdims=True) + eps) * weight
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_layer_matches_numpy(qk_norm: bool) -> None:
+  """With qk_norm, q and k are RMS-normalised per head (own weights, eps 1e-6) before RoPE."""
   d, H, Hkv, D, T, window, theta = 12, 4, 2, 6, 9, 5, 500.0
   layer = SoftmaxAttention(d, H, num_kv_heads=Hkv, head_dim=D, rope_theta=theta, window=window,
-                           init_std=0.5, rngs=nnx.Rngs(3))
+                           qk_norm=qk_norm, init_std=0.5, rngs=nnx.Rngs(3))
   x = np.asarray(_x(1, T, d, seed=4), np.float64)[0]
   w = {n: np.asarray(getattr(layer, n).kernel[...], np.float64)
        for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+  q, k = (x @ w["q_proj"]).reshape(T, H, D), (x @ w["k_proj"]).reshape(T, Hkv, D)
+  if qk_norm:
+    rng = np.random.default_rng(5)
+    for norm in (layer.q_norm, layer.k_norm):   # weights away from their init of ones
+      norm.weight[...] = jnp.asarray(rng.uniform(0.5, 1.5, D), jnp.float32)
+    q = _np_rmsnorm(q, np.asarray(layer.q_norm.weight[...], np.float64), layer.q_norm.eps)
+    k = _np_rmsnorm(k, np.asarray(layer.k_norm.weight[...], np.float64), layer.k_norm.eps)
   pos = np.arange(T, dtype=np.float64)
-  q = _np_rope((x @ w["q_proj"]).reshape(T, H, D), pos, theta)
-  k = _np_rope((x @ w["k_proj"]).reshape(T, Hkv, D), pos, theta)
+  q, k = _np_rope(q, pos, theta), _np_rope(k, pos, theta)
   v = (x @ w["v_proj"]).reshape(T, Hkv, D)
   o = np.zeros((T, H, D))
   for h in range(H):

@@ -8,13 +8,15 @@ Each variant is compiled ONCE (`_results`): one jitted function computes
     Jacobian rows d<r, y_t>/dx_s for every t (chunk 16, so T = 21 crosses a chunk edge);
   * prefill of 13 tokens then 8 single-token decode steps on the unsegmented input.
 Parameters are perturbed away from their init so that zero-initialised parts matter.
-Direct numpy float64 recurrences check GLA, Mamba2, RWKV6, DeltaNet and Comba.
+Direct numpy float64 references written from each paper's equations check every variant:
+recurrences for the data-gated rows, the parallel (attention) form for the others.
 
 Legend: B batch, T time, D d_model, H heads, K key dim, V value dim.
 """
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -176,8 +178,10 @@ def _heads(a: np.ndarray) -> np.ndarray:
 
 
 def _finish(m: LinearAttention, o: np.ndarray, x_gate: np.ndarray | None) -> np.ndarray:
-  """Per-head RMSNorm (SiLU output gate when x_gate is given) and output projection."""
-  o = _rmsnorm(o, m.norm.weight[...])
+  """Per-head RMSNorm (when the layer has one; SiLU output gate when x_gate is given) and
+  the output projection."""
+  if m.norm is not None:
+    o = _rmsnorm(o, m.norm.weight[...])
   if x_gate is not None:
     o = o * _silu(_heads(_linear(m.g_proj, x_gate)))
   return _linear(m.o_proj, o.reshape(o.shape[0], -1))
@@ -241,19 +245,22 @@ def _rwkv6(m: LinearAttention, x: np.ndarray) -> np.ndarray:
   return _finish(m, np.stack(out), xg)
 
 
-def _delta(m: LinearAttention, x: np.ndarray, comba: bool) -> np.ndarray:
-  """DeltaNet: S_t = (I - b k k^T) S + b k v^T.  Comba (paper): S_t = (alpha I - beta~ k k^T) S
-  + beta k v^T with alpha = exp(g), beta~ = alpha beta sigmoid(c_h); read with q - d_h k."""
+def _delta(m: LinearAttention, x: np.ndarray, gated: bool, comba: bool) -> np.ndarray:
+  """DeltaNet: S_t = (I - b k k^T) S + b k v^T.  Gated DeltaNet: S_t = alpha_t (I - b k k^T) S
+  + b k v^T, alpha_t = exp(-exp(A_log) softplus(W x + dt_bias)), SiLU output gate.
+  Comba (paper): S_t = (alpha I - beta~ k k^T) S + beta k v^T with beta~ = alpha beta
+  sigmoid(c_h); read with q - d_h k."""
   q, k, v = _qkv_conv(m, x)
   q, k = _l2(q), _l2(k)
   beta = _sigmoid(_linear(m.beta_proj, x))                                 # [T, H]
-  if comba:
+  alpha = np.ones_like(beta)
+  if gated:
     alpha = np.exp(-np.exp(_np(m.gate.A_log[...])) * _softplus(
         _linear(m.gate.proj, x) + _np(m.gate.dt_bias[...])))
-    beta_tilde = alpha * beta * _sigmoid(_np(m.removal_logit[...]))
+  beta_tilde = alpha * beta
+  if comba:
+    beta_tilde = beta_tilde * _sigmoid(_np(m.removal_logit[...]))
     q = q - _np(m.correction[...])[:, None] * k
-  else:
-    alpha, beta_tilde = np.ones_like(beta), beta
   eye = np.eye(k.shape[-1])
   S, out = np.zeros((H, k.shape[-1], v.shape[-1])), []
   for t in range(len(x)):
@@ -261,16 +268,119 @@ def _delta(m: LinearAttention, x: np.ndarray, comba: bool) -> np.ndarray:
         k[t][:, :, None] * k[t][:, None, :])
     S = transition @ S + beta[t][:, None, None] * (k[t][..., None] * v[t][:, None])
     out.append(np.einsum("hk,hkv->hv", q[t], S) / np.sqrt(k.shape[-1]))
-  return _finish(m, np.stack(out), x if comba else None)
+  return _finish(m, np.stack(out), x if gated else None)
+
+
+def _hgrn2(m: LinearAttention, x: np.ndarray) -> np.ndarray:
+  """HGRN2: f_t = sigmoid(W_f x + b) per key dim, h_t = Diag(f_t) h + (1 - f_t) v_t^T,
+  o_t = h_t^T swish(W_q x) / sqrt(K); RMSNorm, no output gate."""
+  q = _heads(_silu(_linear(m.q_proj, x)))
+  f = _heads(_sigmoid(_linear(m.gate.proj, x)))
+  v = _heads(_linear(m.v_proj, x))
+  S, out = np.zeros((H, q.shape[-1], v.shape[-1])), []
+  for t in range(len(x)):
+    S = f[t][..., None] * S + (1.0 - f[t])[..., None] * v[t][:, None]
+    out.append(np.einsum("hk,hkv->hv", q[t], S) / np.sqrt(q.shape[-1]))
+  return _finish(m, np.stack(out), None)
+
+
+# The variants without a data-dependent gate, in their parallel (attention) form:
+#   o_t = sum_{s <= t} gamma_h^(t-s) score(q_t, k_s) v_s   [/ sum_{s <= t} score(q_t, k_s) + eps]
+def _parallel(q: np.ndarray, k: np.ndarray, v: np.ndarray,
+              score: Callable[[np.ndarray, np.ndarray, int], np.ndarray],
+              gamma: np.ndarray | None = None, normalised: bool = False) -> np.ndarray:
+  """q, k [T, H, K], v [T, H, V]; score(q_t, k_s, t - s) -> [H]; gamma [H] or None."""
+  out = np.zeros(v.shape)
+  for t in range(len(q)):
+    weights = np.stack([score(q[t], k[s], t - s) * (1.0 if gamma is None else gamma ** (t - s))
+                        for s in range(t + 1)])                          # [t + 1, H]
+    out[t] = np.einsum("sh,shv->hv", weights, v[:t + 1])
+    if normalised:
+      out[t] /= weights.sum(0)[:, None] + 1e-6
+  return out
+
+
+def _projections(m: LinearAttention, x: np.ndarray) -> tuple[np.ndarray, ...]:
+  return tuple(_heads(_linear(p, x)) for p in (m.q_proj, m.k_proj, m.v_proj))
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  return np.sum(a * b, -1)
+
+
+def _bla(m: LinearAttention, x: np.ndarray) -> np.ndarray:
+  """Katharopoulos et al.: score = (elu(q) + 1) . (elu(k) + 1) / sqrt(K); RMSNorm."""
+  q, k, v = _projections(m, x)
+  elu1 = lambda a: np.where(a > 0, a + 1.0, np.exp(a))
+  score = lambda qt, ks, lag: _dot(elu1(qt), elu1(ks)) / np.sqrt(q.shape[-1])
+  return _finish(m, _parallel(q, k, v, score), None)
+
+
+def _lightning(m: LinearAttention, x: np.ndarray) -> np.ndarray:
+  """Lightning attention (one layer): score = swish(q) . swish(k) / sqrt(K), decay
+  gamma_h = exp(-2^(-8 (h + 1) / H)) (the ALiBi slopes); RMSNorm, SiLU output gate."""
+  q, k, v = _projections(m, x)
+  gamma = np.exp(-(2.0 ** (-8.0 * (np.arange(H) + 1) / H)))
+  score = lambda qt, ks, lag: _dot(_silu(qt), _silu(ks)) / np.sqrt(q.shape[-1])
+  return _finish(m, _parallel(q, k, v, score, gamma), x)
+
+
+def _retention(m: LinearAttention, x: np.ndarray) -> np.ndarray:
+  """RetNet: score = Re(sum_j zq_j conj(zk_j) e^{i (t - s) w_j}) / sqrt(K) with z = x[:K/2] +
+  i x[K/2:], w_j = 10000^(-2j/K) (RoPE as a relative rotation), gamma_h = 1 - 2^(-5 - h);
+  RMSNorm, SiLU output gate."""
+  q, k, v = _projections(m, x)
+  half = q.shape[-1] // 2
+  freq = 10000.0 ** (-2.0 * np.arange(half) / q.shape[-1])
+  complex_of = lambda a: a[..., :half] + 1j * a[..., half:]
+  score = lambda qt, ks, lag: np.real(np.sum(
+      complex_of(qt) * np.conj(complex_of(ks)) * np.exp(1j * lag * freq), -1)) / np.sqrt(
+          q.shape[-1])
+  return _finish(m, _parallel(q, k, v, score, 1.0 - 2.0 ** (-5.0 - np.arange(H))), x)
+
+
+def _based(m: LinearAttention, x: np.ndarray) -> np.ndarray:
+  """Based: score = 1 + q.k / sqrt(K) + (q.k)^2 / (2K) (2nd-order Taylor of exp), normalised
+  by the sum of the scores; no norm, no output gate."""
+  q, k, v = _projections(m, x)
+  dim = q.shape[-1]
+  score = lambda qt, ks, lag: (1.0 + _dot(qt, ks) / np.sqrt(dim)
+                               + _dot(qt, ks) ** 2 / (2.0 * dim))
+  return _finish(m, _parallel(q, k, v, score, normalised=True), None)
+
+
+def _rebased(m: LinearAttention, x: np.ndarray) -> np.ndarray:
+  """ReBased: y = gamma LayerNorm(x) + beta (per map), score = (y_q . y_k)^2 / K, normalised."""
+  q, k, v = _projections(m, x)
+
+  def affine_norm(a: np.ndarray, fmap: Any) -> np.ndarray:
+    centred = a - a.mean(-1, keepdims=True)
+    normed = centred / np.sqrt(np.mean(centred ** 2, -1, keepdims=True) + 1e-5)
+    return normed * _np(fmap.gamma[...]) + _np(fmap.bias[...])
+
+  q, k = affine_norm(q, m.q_map), affine_norm(k, m.k_map)
+  score = lambda qt, ks, lag: _dot(qt, ks) ** 2 / q.shape[-1]
+  return _finish(m, _parallel(q, k, v, score, normalised=True), None)
 
 
 REFERENCES = {
+    "bla": _bla,
+    "lightning": _lightning,
+    "retention": _retention,
     "gla": _gla,
     "mamba2": _mamba2,
+    "hgrn2": _hgrn2,
     "rwkv6": _rwkv6,
-    "deltanet": functools.partial(_delta, comba=False),
-    "comba": functools.partial(_delta, comba=True),
+    "based": _based,
+    "rebased": _rebased,
+    "deltanet": functools.partial(_delta, gated=False, comba=False),
+    "gated_deltanet": functools.partial(_delta, gated=True, comba=False),
+    "comba": functools.partial(_delta, gated=True, comba=True),
 }
+
+
+def test_every_variant_has_a_reference() -> None:
+  assert sorted(REFERENCES) == sorted(VARIANTS)
 
 
 @pytest.mark.parametrize("name", list(REFERENCES))
@@ -324,6 +434,8 @@ def test_gate_modules_are_log_space() -> None:
 def test_feature_map_kernels() -> None:
   rngs = nnx.Rngs(0)
   maps = {name: feature_maps.FeatureMap(name, 6, rngs=rngs) for name in feature_maps.FEATURE_MAPS}
+  _perturb(maps["hedgehog"], seed=1)   # away from W = I, b = 0
+  _perturb(maps["t2r"], seed=2)
   q, k = np.asarray(jax.random.normal(jax.random.key(3), (2, 6)), np.float64)
   phis = jax.jit(lambda a: {n: f(a) for n, f in maps.items()},
                  compiler_options=COMPILER_OPTIONS)(jnp.asarray(np.stack([q, k]), jnp.float32))
@@ -333,8 +445,17 @@ def test_feature_map_kernels() -> None:
   yq, yk = ((a - a.mean()) / np.sqrt(a.var() + 1e-5) for a in (q, k))
   np.testing.assert_allclose(phis["rebased"][0] @ phis["rebased"][1], (yq @ yk) ** 2 / 6,
                              rtol=1e-4)
-  np.testing.assert_allclose(phis["hedgehog"].sum(-1), 1.0, rtol=1e-6)
   qk = np.stack([q, k])
+  np.testing.assert_allclose(phis["identity"], qk, rtol=1e-6)
+  np.testing.assert_allclose(phis["relu"], np.maximum(qk, 0.0), rtol=1e-6)
+  np.testing.assert_allclose(phis["swish"], qk / (1.0 + np.exp(-qk)), rtol=1e-5)
+  lin = {n: qk @ np.asarray(maps[n].weight[...], np.float64) + np.asarray(maps[n].bias[...])
+         for n in ("hedgehog", "t2r")}
+  np.testing.assert_allclose(phis["t2r"], np.maximum(lin["t2r"], 0.0), rtol=1e-5, atol=1e-7)
+  both = np.concatenate([2.0 * lin["hedgehog"], -2.0 * lin["hedgehog"]], -1)
+  softmax = np.exp(both - both.max(-1, keepdims=True))
+  np.testing.assert_allclose(phis["hedgehog"], softmax / softmax.sum(-1, keepdims=True),
+                             rtol=1e-5)
   np.testing.assert_allclose(phis["elu"], np.where(qk > 0, qk + 1, np.exp(qk)), rtol=1e-5)
   r = np.maximum(np.concatenate([qk, -qk], -1), 0)
   dpfp = np.concatenate([r * np.roll(r, j, -1) for j in range(1, 5)], -1)

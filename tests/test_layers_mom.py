@@ -5,7 +5,8 @@ its own; a token not routed to m has k = v = 0 and g = 0 there (no decay, no wri
 leaves S^m untouched; the short conv of memory m runs over the stream of tokens routed to m
 (no tap across a packed document); then o_t = sum_j w_tj o^{m_tj}_t (+ o^shared_t), per-head
 gated RMSNorm, output projection. The module must match it with ONE sorted op call. The
-per-token projections (q, per-memory k, v, gates, beta) are taken from `memory_inputs`.
+per-token projections (q, per-memory k, v, gates, beta, z) are computed here from the weights
+(`projections_np`), and `memory_inputs` is checked against them.
 
 Legend: B batch, T time, D model width, H heads, K = V head dim, M memories, k top_k.
 """
@@ -100,12 +101,40 @@ def _stream_conv_np(u: np.ndarray, docs: np.ndarray, w: np.ndarray) -> np.ndarra
   return _silu(y)
 
 
+def _log_sigmoid(x: np.ndarray) -> np.ndarray:
+  return -np.logaddexp(0.0, -x)
+
+
+def projections_np(m: MixtureOfMemories, x: np.ndarray) -> dict[str, np.ndarray]:
+  """The per-token projections from the weights (float64), as the paper writes them:
+  q = x W_q (shared), k^m = x W_k^m, v^m = x W_v^m; GLA gate g^m = logsigmoid(x W1^m W2^m +
+  b^m) / 16 [.., H, K]; Gated DeltaNet g^m = -exp(A_log^m) softplus(x W_a^m + dt_bias^m) [.., H]
+  and beta^m = sigmoid(x W_b^m); z = x W_z (output gate). k, v, g, beta: [B, T, M', ...]."""
+  x = x.astype(np.float64)
+  batch, time, _ = x.shape
+  per_slot = lambda w: np.einsum("btd,mde->btme", x, _np(w))
+  out = {"q": x @ _np(m.q_proj[...]), "k": per_slot(m.k_proj[...]),
+         "v": per_slot(m.v_proj[...]), "z": x @ _np(m.out_gate_proj[...])}
+  gs = []
+  for gate in m.gates:
+    if m.core == "gla":
+      logits = x @ _np(gate.down.kernel[...]) @ _np(gate.up.kernel[...]) + _np(gate.up.bias[...])
+      gs.append((_log_sigmoid(logits) / gate.normalizer).reshape(batch, time, m.num_heads, -1))
+    else:
+      dt = np.logaddexp(0.0, x @ _np(gate.proj.kernel[...]) + _np(gate.dt_bias[...]))
+      gs.append(-np.exp(_np(gate.A_log[...])) * dt)
+  out["g"] = np.stack(gs, axis=2)
+  if m.beta_proj is not None:
+    out["beta"] = 1.0 / (1.0 + np.exp(-per_slot(m.beta_proj[...])))
+  return out
+
+
 def naive_mom(m: MixtureOfMemories, x: np.ndarray,
               segment_ids: np.ndarray | None = None) -> np.ndarray:
   """The naive masked form (see the module docstring), float64. x [B,T,D] -> y [B,T,D]."""
   batch, time, _ = x.shape
   heads, hd, mems = m.num_heads, m.head_dim, m.num_memories
-  proj = {n: _np(a) for n, a in m.memory_inputs(jnp.asarray(x)).items()}
+  proj = projections_np(m, x)
   _, top, w = _route_np(m, x)
   docs = _doc_index(segment_ids, batch, time)
   gdn = m.core == "gated_deltanet"
@@ -176,6 +205,18 @@ def test_sorted_single_call_equals_naive_masked_form(core: str, shared: bool, co
   # the routing is not degenerate: every memory gets some token in this call
   _, top, _ = _route_np(module, x)
   assert set(np.unique(top)) == set(range(3))
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_memory_inputs_equal_the_weights_projections(core: str) -> None:
+  module = _module(core)
+  x = _x(3)
+  expected = projections_np(module, x)
+  got = jax.jit(lambda a: module.memory_inputs(a), compiler_options=COMPILER_OPTIONS)(
+      jnp.asarray(x))
+  assert set(got) == set(expected) | ({"dt"} if core == "gated_deltanet" else set())
+  for name, value in expected.items():
+    _close(got[name], value, 1e-5, 1e-6)
 
 
 @pytest.mark.parametrize("core", CORES)

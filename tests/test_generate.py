@@ -13,7 +13,7 @@ Legend: B batch, P prompt length, N new tokens, T = P + N, V vocab.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +58,42 @@ def test_prefill_then_decode_equals_forward(setup: tuple) -> None:
   cached = np.concatenate(outs, axis=1)
   assert np.max(np.abs(full)) > 0.1
   np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
+
+
+# Every cache kind: MoM's per-memory states and stream convs, the delta family's K x K state
+# and conv, Mamba2's step-scaled values and skip, RWKV6's token shift and bonus.
+MIXER_MODELS = {
+    "mom-gated_deltanet": dict(mixer="mom", mom_core="gated_deltanet", mom_num_memories=3),
+    "mom-gla-noshared": dict(mixer="mom", mom_core="gla", mom_shared_memory=False),
+    "deltanet": dict(linear_variant="deltanet"),
+    "gated_deltanet": dict(linear_variant="gated_deltanet"),
+    "comba": dict(linear_variant="comba"),
+    "mamba2": dict(linear_variant="mamba2"),
+    "rwkv6": dict(linear_variant="rwkv6"),
+}
+
+
+@pytest.mark.parametrize("mixer", list(MIXER_MODELS))
+def test_every_cache_kind_prefill_then_decode_equals_forward(mixer: str) -> None:
+  """A two-layer model of one mixer: prefill P tokens, decode the rest one by one (one
+  jitted scan) == the full forward's logits."""
+  fields = dict(TINY, num_layers=2, pattern="L", moe_every=0, use_short_conv=None, init_std=0.3)
+  model = build(ModelConfig(**{**fields, **MIXER_MODELS[mixer]}))
+  tokens = jax.random.randint(jax.random.key(2), (B, T), 0, TINY["vocab_size"])
+
+  def cached(m: LanguageModel, tokens: jax.Array) -> jax.Array:
+    logits, cache = m(tokens[:, :P], cache=m.init_cache(B, T))[:2]
+
+    def decode(cache: Any, token: jax.Array) -> tuple[Any, jax.Array]:
+      step_logits, cache = m(token[:, None], cache=cache)[:2]
+      return cache, step_logits[:, 0]
+
+    _, rest = jax.lax.scan(decode, cache, tokens[:, P:].T)
+    return jnp.concatenate([logits, jnp.swapaxes(rest, 0, 1)], axis=1)
+
+  full, incremental = jitted(model, lambda m, t: (m(t)[0], cached(m, t)))(tokens)
+  assert np.max(np.abs(np.asarray(full))) > 0.1
+  np.testing.assert_allclose(np.asarray(incremental), np.asarray(full), rtol=1e-5, atol=1e-5)
 
 
 def test_linear_cache_does_not_grow(setup: tuple) -> None:

@@ -187,6 +187,12 @@ def _finish(m: LinearAttention, o: np.ndarray, x_gate: np.ndarray | None) -> np.
   return _linear(m.o_proj, o.reshape(o.shape[0], -1))
 
 
+def _gate_then_norm(m: LinearAttention, o: np.ndarray, x: np.ndarray) -> np.ndarray:
+  """Mamba2's output: RMSNorm(o * silu(x W_z)) over all H*V channels (one group), then W_o."""
+  gated = (o * _silu(_heads(_linear(m.g_proj, x)))).reshape(o.shape[0], -1)
+  return _linear(m.o_proj, _rmsnorm(gated, m.norm.weight[...]))
+
+
 def _l2(a: np.ndarray) -> np.ndarray:
   return a / np.sqrt(np.sum(a ** 2, -1, keepdims=True) + 1e-6)
 
@@ -212,7 +218,8 @@ def _gla(m: LinearAttention, x: np.ndarray) -> np.ndarray:
 
 
 def _mamba2(m: LinearAttention, x: np.ndarray) -> np.ndarray:
-  """SSD: h_t = exp(dt_t A) h + dt_t B_t x_t^T, y_t = C_t^T h_t + D x_t (C = q, B = k, x = v)."""
+  """SSD: h_t = exp(dt_t A) h + dt_t B_t x_t^T, y_t = C_t^T h_t + D x_t (C = q, B = k, x = v);
+  out = W_o RMSNorm(y * silu(z)) over every head's channels (Mamba2's gate-then-norm)."""
   c, b, xv = _qkv_conv(m, x)
   dt = _softplus(_linear(m.gate.proj, x) + _np(m.gate.dt_bias[...]))       # [T, H]
   a = -np.exp(_np(m.gate.A_log[...]))
@@ -221,7 +228,7 @@ def _mamba2(m: LinearAttention, x: np.ndarray) -> np.ndarray:
     h = np.exp(dt[t] * a)[:, None, None] * h + dt[t][:, None, None] * (
         b[t][..., None] * xv[t][:, None])
     out.append(np.einsum("hk,hkv->hv", c[t], h) + _np(m.skip[...])[:, None] * xv[t])
-  return _finish(m, np.stack(out), x)
+  return _gate_then_norm(m, np.stack(out), x)
 
 
 def _rwkv6(m: LinearAttention, x: np.ndarray) -> np.ndarray:

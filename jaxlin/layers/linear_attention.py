@@ -14,6 +14,7 @@ Pipeline (each stage switched by the variant's row in `VARIANTS`, overridable):
       -> [normalised (Based/Rebased): o = o[:V] / (o[V] + eps), v extended by a ones column]
       -> [Mamba2 skip: o += D_h v]
       -> per-head RMSNorm -> [output gate: * silu(W_g x)] -> y = W_o o
+         (Mamba2: RMSNorm(o * silu(W_g x)) over all heads' channels, `OutputNorm`)
 
 Variants (`VARIANTS`; `register_variant` adds one): bla (basic linear attention),
 lightning, retention, gla, mamba2, hgrn2, rwkv6, based, rebased, deltanet,
@@ -22,8 +23,8 @@ either name, and `MixtureOfMemories` runs the same stages (`OpStages`) per memor
 lightning -slope_h (ALiBi, layer dependent), retention log(1 - 2^(-5-h)),
 gla logsigmoid(W2 W1 x)/16, mamba2/gated_deltanet/comba -exp(A_log) softplus(W x +
 dt_bias), hgrn2 log(sigmoid(W x)) (optional lower bound), rwkv6 -exp(lora(x_w)) with
-bonus u. Mamba2 also scales v by its step size dt and adds the skip D_h v (its B, C
-are per head here, Mamba2 shares them across heads). Comba removes with strength
+bonus u. Mamba2 also scales v by its step size dt, adds the skip D_h v and gates before
+its norm (its B, C are per head here, Mamba2 shares them across heads). Comba removes with strength
 b_t = beta_t sigmoid(c_h) (its write strength is beta_t).
 
 Cache (constant size): "state" [B, H, K', V'] float32, "conv" [B, conv_size - 1, C],
@@ -46,7 +47,7 @@ from jaxlin import validation
 from jaxlin.layers import base, feature_maps, gates
 from jaxlin.layers.base import Cache, MixerOutput
 from jaxlin.layers.conv import ShortConv
-from jaxlin.layers.norm import GatedRMSNorm, RMSNorm, l2_normalise
+from jaxlin.layers.norm import l2_normalise, rms_normalise
 from jaxlin.layers.rope import apply_rope
 from jaxlin.ops.families import FAMILIES, Family
 
@@ -75,6 +76,7 @@ class Variant:
   skip: bool = False                # Mamba2: o += D_h v
   removal: bool = False             # Comba: removal b = beta sigmoid(c_h)
   query_correction: bool = False    # Comba: q' = q - d_h k
+  gate_before_norm: bool = False    # Mamba2: RMSNorm(o * silu(z)) over all H*V channels
 
   def check(self, name: str) -> None:
     """Raises ValueError unless the row's family and gate exist and fit each other."""
@@ -100,7 +102,7 @@ VARIANTS: dict[str, Variant] = {
     "retention": Variant("gated", "retention", "identity", False, True, True, rope=True),
     "gla": Variant("gated", "gla", "identity", False, True, True),
     "mamba2": Variant("gated", "mamba2", "identity", True, True, True, scale=1.0,
-                      step_scaled_values=True, skip=True),
+                      step_scaled_values=True, skip=True, gate_before_norm=True),
     "hgrn2": Variant("gated", "hgrn2", "swish", False, False, True),
     "rwkv6": Variant("gated", "rwkv6", "identity", False, True, True, scale=1.0, bonus=True,
                      token_shift=True),
@@ -201,6 +203,35 @@ def token_mixes(shift_mix: nnx.Module | None, x: jax.Array, previous: jax.Array 
   if shift_mix is None:
     return dict.fromkeys(RWKV6_MIXES, x)
   return dict(zip(RWKV6_MIXES, shift_mix(x, gates.shift_tokens(x, previous, segment_ids))))
+
+
+class OutputNorm(nnx.Module):
+  """The norm after the op, and the output gate z when the layer has one.
+
+    per head (every row but Mamba2):  o_h <- RMSNorm(o_h) [* silu(z_h)]     weight [V]
+    gate_before_norm (Mamba2):        o <- RMSNorm(o * silu(z)) over the H*V channels of a
+                                      token (mamba_ssm's RMSNormGated, norm_before_gate=False,
+                                      one group)                            weight [H*V]
+  """
+
+  def __init__(self, row: Variant, *, gated: bool, num_heads: int, value_dim: int,
+               eps: float, param_dtype: jnp.dtype = f32) -> None:
+    self.gated, self.eps = gated, eps
+    self.whole_width = gated and row.gate_before_norm
+    dim = num_heads * value_dim if self.whole_width else value_dim
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+  def __call__(self, o: jax.Array, z: jax.Array | None) -> jax.Array:
+    """o [B, T, H, V], z [B, T, H*V] (None unless gated) -> [B, T, H*V] in o's dtype."""
+    batch, time = o.shape[:2]
+    x = o.astype(f32)
+    gate = None if not self.gated else jax.nn.silu(z.astype(f32).reshape(x.shape))
+    if self.whole_width:
+      y = rms_normalise((x * gate).reshape(batch, time, -1), self.weight[...], self.eps)
+    else:
+      y = rms_normalise(x, self.weight[...], self.eps)
+      y = (y if gate is None else y * gate).reshape(batch, time, -1)
+    return y.astype(o.dtype)
 
 
 def check_keys_feature_map(spec: gates.GateSpec, feature_map: str, key_dim: int) -> None:
@@ -331,12 +362,9 @@ class LinearAttention(nnx.Module):
                   if row.bonus else None)
     self.skip = nnx.Param(jnp.ones((heads,), param_dtype)) if row.skip else None
     self.g_proj = lin(d_model, heads * value_dim) if self.use_output_gate else None
-    norm = None
-    if self.use_output_gate:
-      norm = GatedRMSNorm(value_dim, eps=norm_eps, param_dtype=param_dtype)
-    elif row.norm:
-      norm = RMSNorm(value_dim, eps=norm_eps, param_dtype=param_dtype)
-    self.norm = nnx.data(norm)
+    self.norm = nnx.data(OutputNorm(row, gated=self.use_output_gate, num_heads=heads,
+                                    value_dim=value_dim, eps=norm_eps, param_dtype=param_dtype)
+                         if self.use_output_gate or row.norm else None)
     self.o_proj = lin(heads * value_dim, d_model)
 
   # ------------------------------------------------------------------ cache
@@ -419,9 +447,7 @@ class LinearAttention(nnx.Module):
 
     o = self.stages.output(o, v, None if self.skip is None else self.skip[...])
     o = o.astype(self.dtype)
-    if self.use_output_gate:
-      o = self.norm(o, heads_of(self.g_proj(xs["g"])))
-    elif self.norm is not None:
-      o = self.norm(o)
+    if self.norm is not None:
+      o = self.norm(o, self.g_proj(xs["g"]) if self.use_output_gate else None)
     y = self.o_proj(o.reshape(batch, time, heads * self.value_dim))
     return MixerOutput(y, new_cache if cache is not None else None, {})

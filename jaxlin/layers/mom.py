@@ -18,10 +18,10 @@ tokens routed to it (a memory's tokens form its own stream, in time order):
     o_t  = sum_{j<k} w_tj scale S^{m_tj}_t^T q^{m_tj}_t  +  o^shared_t
 
 The optional shared memory (slot M, weight 1) sees every token. Then, as in the
-core's layer: y = W_o GatedRMSNorm_per_head(o, x W_z) (RMSNorm or nothing when the
-row has no output gate). The short causal conv (SiLU) on q, k, v runs inside each
-memory's stream (its taps are the previous tokens routed to the same memory, as in
-fla's MoM); without it, a core whose row has a conv applies SiLU to q, k, v instead
+core's layer: y = W_o OutputNorm(o, x W_z) (per head RMSNorm(o) * silu(z); Mamba2:
+RMSNorm(o * silu(z)) over all heads; RMSNorm or nothing when the row has no output gate).
+The short causal conv (SiLU) on q, k, v runs inside each memory's stream (its taps
+are the previous tokens routed to the same memory, as in fla's MoM); without it, a core whose row has a conv applies SiLU to q, k, v instead
 (fla's GDN). Then the feature maps, the row's L2 normalisation of q and k, RoPE at
 the tokens' positions, and the row's op inputs.
 
@@ -64,9 +64,8 @@ from jaxlin import validation
 from jaxlin.layers import base, feature_maps, gates, routing
 from jaxlin.layers.base import Aux, Cache, MixerOutput
 from jaxlin.layers.conv import ShortConv
-from jaxlin.layers.linear_attention import (VARIANTS, OpStages, check_keys_feature_map,
-                                            token_mixes)
-from jaxlin.layers.norm import GatedRMSNorm, RMSNorm
+from jaxlin.layers.linear_attention import (VARIANTS, OpStages, OutputNorm,
+                                            check_keys_feature_map, token_mixes)
 from jaxlin.ops import arguments, documents
 
 f32 = jnp.float32
@@ -243,9 +242,9 @@ class MixtureOfMemories(nnx.Module):
     self.q_conv, self.v_conv = conv(hk), conv(hv)
     self.k_conv = None if self.k_proj is None else conv(hk)
     self.out_gate_proj = param(d_model, hv) if row.output_gate else None
-    norm = (GatedRMSNorm if row.output_gate else RMSNorm)(self.head_dim, eps=norm_eps,
-                                                          param_dtype=param_dtype)
-    self.o_norm = norm if (row.output_gate or row.norm) else None
+    self.o_norm = (OutputNorm(row, gated=row.output_gate, num_heads=num_heads,
+                              value_dim=self.head_dim, eps=norm_eps, param_dtype=param_dtype)
+                   if row.output_gate or row.norm else None)
     self.o_proj = param(hv, d_model)
 
   # ------------------------------------------------------------------ pieces
@@ -366,10 +365,8 @@ class MixtureOfMemories(nnx.Module):
     o_sorted = self.stages.output(o_sorted, v, None if self.skip is None else self.skip[...])
     o = copies.unsort(o_sorted).reshape(batch, time, -1, heads, self.head_dim)
     o = jnp.einsum("btjhv,btj->bthv", o, weights)
-    if self.out_gate_proj is not None:
-      o = self.o_norm(o, proj["z"].reshape(batch, time, heads, self.head_dim))
-    elif self.o_norm is not None:
-      o = self.o_norm(o)
+    if self.o_norm is not None:
+      o = self.o_norm(o, proj.get("z"))
     y = o.reshape(batch, time, -1).astype(self.dtype) @ self.o_proj[...].astype(self.dtype)
     return MixerOutput(y, new_cache, aux)
 

@@ -4,8 +4,8 @@
     gated(x, z) = rmsnorm(x) * silu(z)
     l2_normalise(x) = x / sqrt(sum(x^2) + eps)
 
-The gated form is the output gate of GLA, Mamba2 and Gated DeltaNet (the norm
-is applied before the gate). All math is float32; outputs take x's dtype.
+The gated form is the output gate of GLA and Gated DeltaNet (the norm is applied
+before the gate; Mamba2 gates first, `linear_attention.OutputNorm`). All math is float32; outputs take x's dtype.
 
 Legend: D the normalised (last) dimension; any leading axes.
 """
@@ -19,7 +19,7 @@ from flax import nnx
 f32 = jnp.float32
 
 
-def _rms_normalise(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+def rms_normalise(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   """float32 x / sqrt(mean(x^2) + eps) * weight over the last axis."""
   x = x.astype(f32)
   inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
@@ -42,7 +42,7 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x [..., D] -> rmsnorm(x) [..., D] in x's dtype."""
-    return _rms_normalise(x, self.weight[...], self.eps).astype(x.dtype)
+    return rms_normalise(x, self.weight[...], self.eps).astype(x.dtype)
 
 
 class GatedRMSNorm(nnx.Module):
@@ -55,5 +55,5 @@ class GatedRMSNorm(nnx.Module):
 
   def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:
     """x, gate [..., D] -> rmsnorm(x) * silu(gate) [..., D] in x's dtype."""
-    y = _rms_normalise(x, self.weight[...], self.eps) * jax.nn.silu(gate.astype(f32))
+    y = rms_normalise(x, self.weight[...], self.eps) * jax.nn.silu(gate.astype(f32))
     return y.astype(x.dtype)

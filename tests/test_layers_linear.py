@@ -398,6 +398,15 @@ def test_matches_direct_recurrence(name: str) -> None:
     _close(r["y_alone"][row], expected)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_builds_under_jit(name: str) -> None:
+  """Parameters made inside a traced function (jit / vmap over seeds): no fixed decay may need
+  a concrete value (Lightning's and RetNet's decays are static numbers)."""
+  shapes = jax.eval_shape(lambda key: nnx.state(LinearAttention(
+      D, H, variant=name, rngs=nnx.Rngs(params=key))), jax.random.key(0))
+  assert jax.tree.leaves(shapes)
+
+
 # ----------------------------------------------------------------- gates, feature maps
 def test_fixed_decays() -> None:
   np.testing.assert_allclose(np.exp(gates.retention_log_decay(3)),

@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxlin import validation
@@ -114,20 +115,21 @@ class Mamba2Decay(nnx.Module):
     return GateOut(-jnp.exp(self.A_log[...].astype(f32)) * dt, dt=dt)
 
 
-def alibi_slopes(num_heads: int) -> jax.Array:
+def alibi_slopes(num_heads: int) -> np.ndarray:
   """ALiBi head slopes [H]: 2^(-8 (h+1) / n) for n = H a power of two; otherwise
-  the slopes of the next-lower power of two, then every other one of the next."""
+  the slopes of the next-lower power of two, then every other one of the next.
+  (numpy: concrete even while a model is built under jit.)"""
   def power_of_two(n: int) -> list[float]:
     start = 2.0 ** (-8.0 / n)
     return [start ** (i + 1) for i in range(n)]
   if num_heads & (num_heads - 1) == 0:
-    return jnp.asarray(power_of_two(num_heads), f32)
+    return np.asarray(power_of_two(num_heads), np.float32)
   lower = 2 ** int(math.floor(math.log2(num_heads)))
   extra = power_of_two(2 * lower)[0::2][:num_heads - lower]
-  return jnp.asarray(power_of_two(lower) + extra, f32)
+  return np.asarray(power_of_two(lower) + extra, np.float32)
 
 
-def lightning_log_decay(num_heads: int, layer_index: int = 0, num_layers: int = 1) -> jax.Array:
+def lightning_log_decay(num_heads: int, layer_index: int = 0, num_layers: int = 1) -> np.ndarray:
   """Lightning / TransNormerLLM fixed decay per head [H] (log space):
   g_h = -slope_h * (1 - l / (L - 1) + 1e-5), slope_h the ALiBi slopes; the
   first layer decays fastest, the last barely (factor 1e-5). L = 1: factor 1."""
@@ -136,9 +138,9 @@ def lightning_log_decay(num_heads: int, layer_index: int = 0, num_layers: int = 
   return -alibi_slopes(num_heads) * factor
 
 
-def retention_log_decay(num_heads: int) -> jax.Array:
+def retention_log_decay(num_heads: int) -> np.ndarray:
   """RetNet fixed decay per head [H] (log space): g_h = log(1 - 2^(-5 - h))."""
-  return jnp.log1p(-(2.0 ** (-5.0 - jnp.arange(num_heads, dtype=f32))))
+  return np.log1p(-(2.0 ** (-5.0 - np.arange(num_heads)))).astype(np.float32)
 
 
 class HGRN2Gate(nnx.Module):
@@ -243,7 +245,7 @@ class RWKV6Decay(nnx.Module):
 class FixedDecay(nnx.Module):
   """A data-independent decay per head (Lightning, Retention): g [..., H] = log_decay."""
 
-  def __init__(self, log_decay: jax.Array) -> None:
+  def __init__(self, log_decay: np.ndarray) -> None:
     self.log_decay = tuple(float(a) for a in log_decay)   # static: no parameter
 
   def __call__(self, x: jax.Array) -> GateOut:

@@ -326,4 +326,11 @@ def model_config_for(config: Any, vocab_size: int) -> ModelConfig:
   elif values["vocab_size"] < vocab_size:
     raise ValueError(f"model.vocab_size={values['vocab_size']}: smaller than the data's "
                      f"vocabulary ({vocab_size} tokens); leave it None to use the data's")
-  return ModelConfig.from_config_dict(values)
+  try:
+    return ModelConfig.from_config_dict(values)
+  except ValueError as error:  # name the field as the run config does: model.<field>
+    message = str(error)
+    field = message.split(":", 1)[0].split("=", 1)[0].strip()
+    if field in values and not message.startswith("model."):
+      raise ValueError(f"model.{message}") from error
+    raise

@@ -187,7 +187,10 @@ def test_format_helpers():
 def test_progress_bar_line():
   clock = FakeClock()
   bar = ProgressBar(2000, stream=io.StringIO(), enabled=True, width=10, clock=clock)
-  clock.t += 24.0  # 120 steps in 24 s -> 1880 left take 376 s
+  clock.t += 40.0  # the first step compiles: not counted
+  assert bar.line(1, loss=2.5, tokens_per_second=0.0).endswith("eta ?")
+  bar.update(1, loss=2.5, tokens_per_second=0.0)
+  clock.t += 23.8  # 119 more steps in 23.8 s -> 1880 left take 376 s
   line = bar.line(120, loss=2.3141, tokens_per_second=4100.0)
   assert line == "step 120/2000 [>         ] 6% loss 2.314 tok/s 4.1k eta 6m16s"
 
@@ -210,18 +213,18 @@ def test_progress_bar_non_tty_throttled():
   assert lines[-1].endswith("eta 0s")
 
 
-def test_progress_bar_close_prints_pending_and_eta_from_initial_step():
+def test_progress_bar_close_prints_pending_and_eta_from_the_first_update():
   clock, stream = FakeClock(), io.StringIO()
   bar = ProgressBar(1000, initial_step=500, stream=stream, enabled=True, clock=clock)
-  clock.t += 10.0
-  bar.update(510, loss=2.0, tokens_per_second=1.0)  # first update: printed
-  clock.t += 1.0
+  clock.t += 30.0
+  bar.update(510, loss=2.0, tokens_per_second=1.0)  # first update: printed, no rate yet
+  clock.t += 2.0
   bar.update(520, loss=1.5, tokens_per_second=1.0)  # throttled, printed at close
   bar.close()
   lines = stream.getvalue().splitlines()
   assert len(lines) == 2 and lines[1].startswith("step 520/1000")
-  assert lines[0].endswith("eta 8m10s")  # 10 steps / 10 s, 490 left
-  assert lines[1].endswith("eta 4m24s")  # 20 steps / 11 s, 480 left
+  assert lines[0].endswith("eta ?")
+  assert lines[1].endswith("eta 1m36s")  # 10 steps / 2 s after the first update, 480 left
 
 
 def test_progress_bar_tty_and_disabled():

@@ -50,6 +50,11 @@ def test_train_then_sample_from_the_checkpoint(tmp_path) -> None:
   assert sampled.returncode == 0, sampled.stderr[-3000:]
   assert sampled.stdout.count("===== step 12 sample") == 3
   assert sampled.stdout.count("KING.") >= 3
+  reseeded = _run(workdir, "--mode=sample", "--prompt=KING.", "--config.sample.num_samples=3",
+                  "--seed=7")
+  assert reseeded.returncode == 0, reseeded.stderr[-3000:]
+  assert reseeded.stdout.count("===== step 12 sample") == 3
+  assert reseeded.stdout != sampled.stdout     # --seed changes the samples
 
 
 def test_sample_without_a_checkpoint_says_so(tmp_path) -> None:
@@ -87,3 +92,60 @@ def test_sigterm_then_rerun_matches_a_straight_run(tmp_path) -> None:
   assert train_losses(killed) == train_losses(straight)
   for a, b in zip(checkpoint_params(killed, 40), checkpoint_params(straight, 40)):
     np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------ user errors and help
+def _error_lines(stderr: str) -> list[str]:
+  """stderr without the log records (`<date> <time> LEVEL ...`)."""
+  return [l for l in stderr.splitlines() if l.strip() and not l[:4].isdigit()]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.train.num_stepz=5"],
+     "default.py has no field 'train.num_stepz'; did "
+     "you mean 'train.num_steps'?"),
+    (["--config.model.linear_variant=glaa"],
+     "error: model.linear_variant: got 'glaa'; expected one of ("),
+    (["--config.optimizer.warmup_steps=100", "--config.train.num_steps=50"],
+     "for this run try --config.optimizer.warmup_steps=5 (10%)"),
+    (["--config.data.source=text", "--config.data.paths=/no/such/file.txt"],
+     "error: data.paths='/no/such/file.txt': no such file"),
+    (["--seed=3"], "error: --seed=3: only for --mode=sample"),
+])
+def test_a_user_error_is_one_line_and_exit_2(tmp_path, args: list[str], message: str) -> None:
+  workdir = str(tmp_path / "run")
+  done = _run(workdir, *args, timeout=120)
+  lines = _error_lines(done.stderr)
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr and len(lines) == 2, done.stderr
+  assert message in lines[0]
+  assert not os.path.exists(workdir)        # a failed start leaves no work directory
+
+
+def test_debug_shows_the_traceback(tmp_path) -> None:
+  done = _run(str(tmp_path / "run"), "--config.model.linear_variant=glaa", "--debug", timeout=120)
+  assert done.returncode == 1 and "Traceback (most recent call last)" in done.stderr
+  assert "ValueError: model.linear_variant: got 'glaa'" in done.stderr
+
+
+def test_help_exits_0_and_no_arguments_suggest_a_config() -> None:
+  run_py = os.path.join(REPO, "run.py")
+  shown = subprocess.run([sys.executable, run_py, "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+  assert shown.returncode == 0 and "--mode" in shown.stdout and "fields" in shown.stdout
+  bare = subprocess.run([sys.executable, run_py], cwd=REPO, capture_output=True, text=True,
+                        timeout=60)
+  assert bare.returncode == 2 and "try: python run.py --config configs/default.py" in bare.stderr
+
+
+def test_fields_mode_lists_every_field_with_its_comment(tmp_path) -> None:
+  done = _run(str(tmp_path), "--mode=fields", timeout=120)
+  assert done.returncode == 0, done.stderr[-3000:]
+  lines = done.stdout.splitlines()
+  by_path = {l.split(" = ")[0]: l for l in lines}
+  assert "train.num_steps" in by_path and "model.mom_core" in by_path and "optimizer.b2" in by_path
+  assert by_path["train.num_steps"].endswith("# optimizer steps (the cosine schedule ends here)")
+  assert "# a key of jaxlin.layers.linear_attention.VARIANTS" in by_path["model.linear_variant"]
+  assert "# AdamW second-moment decay" in by_path["optimizer.b2"]
+  assert by_path["model.d_model"].startswith("model.d_model = 32")   # the overridden value
+  assert not os.listdir(str(tmp_path))         # listing fields writes nothing

@@ -16,6 +16,7 @@ from flax import nnx
 from _train_helpers import checkpoint_params, tiny_config, train_losses
 from jaxlin.training import optim, steps, train
 from jaxlin.training.checkpoint import CheckpointCorruptError, CheckpointMismatchError
+from jaxlin.training.metrics import read_metrics
 from jaxlin.config import ModelConfig
 
 
@@ -107,6 +108,10 @@ def test_gradient_accumulation_matches_one_big_batch() -> None:
 
 
 # ---------------------------------------------------------------- the run
+def _eval_steps(workdir: str) -> list[int]:
+  return [r["step"] for r in read_metrics(workdir) if r["split"] == "eval"]
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, train.TrainResult]:
   workdir = str(tmp_path_factory.mktemp("straight"))
@@ -141,12 +146,15 @@ def test_resume_after_sigterm_is_exact(straight_run, tmp_path, monkeypatch) -> N
       yield batch
 
   monkeypatch.setattr(train, "_device_batches", batches_then_sigterm)
-  first = train.train(tiny_config(workdir))
+  every_2 = {"eval.every_steps": 2}   # an eval is due at step 6, where the signal stops it
+  first = train.train(tiny_config(workdir, **every_2))
   monkeypatch.setattr(train, "_device_batches", original)
   assert first.interrupted == "SIGTERM" and first.final_step == 6
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
-  second = train.train(tiny_config(workdir))
+  assert _eval_steps(workdir) == [2, 4]
+  second = train.train(tiny_config(workdir, **every_2))
   assert second.start_step == 6 and second.final_step == 8
+  assert _eval_steps(workdir) == [2, 4, 6, 8]   # step 6's eval is done after the resume
   assert train_losses(workdir) == train_losses(straight_dir)  # bit-identical floats
   for a, b in zip(checkpoint_params(workdir, 8), checkpoint_params(straight_dir, 8)):
     np.testing.assert_array_equal(a, b)
@@ -174,9 +182,21 @@ def test_corrupt_checkpoint_gives_a_clear_error(straight_run, tmp_path) -> None:
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"\0garbage")
-  with pytest.raises(CheckpointCorruptError, match=r"checkpoint step 8 .* cannot be read.*steps \[4\]"):
-    train.train(tiny_config(workdir, **{"train.num_steps": 12}))
+  longer = {"train.num_steps": 12}
+  with pytest.raises(CheckpointCorruptError, match=r"checkpoint step 8 .* cannot be read.*"
+                     r"Rerun with --step=4 "):
+    train.train(tiny_config(workdir, **longer))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+  # the offered step works: step 8 is moved aside (kept), the run resumes from 4
+  with pytest.raises(ValueError, match=r"--step: got 5; expected a saved checkpoint step .*\[4, 8\]"):
+    train.train(tiny_config(workdir, **longer), restore_step=5)
+  result = train.train(tiny_config(workdir, **longer), restore_step=4)
+  assert result.start_step == 4 and result.final_step == 12
+  assert os.listdir(os.path.join(workdir, "checkpoints_set_aside")) == ["8"]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "4", "8"]
+  # step 5's loss is taken before its update: step 4's parameters on step 5's batch (the
+  # longer run's schedule changes the updates from there on)
+  assert train_losses(workdir)[5] == train_losses(straight_dir)[5]
 
 
 @pytest.mark.slow   # CI step 2

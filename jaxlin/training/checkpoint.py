@@ -12,12 +12,15 @@ so an interrupted save never replaces a finished checkpoint, and
 `max_to_keep` keeps the newest N. Before restoring, the shapes in the
 checkpoint are compared with those the config builds: a mismatch raises
 `CheckpointMismatchError` naming the arrays (and the differing model fields);
-an unreadable checkpoint raises `CheckpointCorruptError` and is left in place.
+an unreadable checkpoint raises `CheckpointCorruptError` and is left in place; its
+message offers the newest earlier step (`python run.py ... --step=N` resumes from it, and
+`set_aside` moves the newer checkpoints to `<workdir>/checkpoints_set_aside`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Mapping
 
 import grain
@@ -27,6 +30,9 @@ import orbax.checkpoint as ocp
 
 from jaxlin import validation
 from jaxlin.training import tree_paths
+
+SET_ASIDE = "checkpoints_set_aside"   # where --step=N moves the checkpoints newer than N
+
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint in the work directory does not fit the model the config builds."""
@@ -73,6 +79,7 @@ class Checkpointer:
   def __init__(self, workdir: str, *, max_to_keep: int) -> None:
     validation.positive_int("checkpoint.max_to_keep", max_to_keep)
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.set_aside_directory = os.path.join(os.path.abspath(workdir), SET_ASIDE)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True,
         # synchronous: the data iterator's state is read at the moment of the save
@@ -89,6 +96,22 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     """Steps of all complete checkpoints, oldest first."""
     return sorted(self._manager.all_steps())
+
+  def set_aside(self, steps: list[int]) -> list[str]:
+    """Moves the checkpoints of `steps` to `<workdir>/checkpoints_set_aside/<step>` (nothing
+    is deleted; a name taken gets a suffix); returns the new paths."""
+    moved = []
+    os.makedirs(self.set_aside_directory, exist_ok=True)
+    for step in steps:
+      target = os.path.join(self.set_aside_directory, str(step))
+      suffix = 1
+      while os.path.exists(target):
+        target = os.path.join(self.set_aside_directory, f"{step}.{suffix}")
+        suffix += 1
+      shutil.move(os.path.join(self.directory, str(step)), target)
+      moved.append(target)
+    self._manager.reload()
+    return moved
 
   def save(self, step: int, *, params: Any, opt_state: Any,
            data_iterator: grain.DatasetIterator, meta: Mapping[str, Any]) -> None:
@@ -153,12 +176,14 @@ class Checkpointer:
 
   def _corrupt(self, step: int, error: Exception) -> CheckpointCorruptError:
     """The error for an unreadable checkpoint, with what to do about it."""
-    others = [s for s in self.all_steps() if s != step]
+    earlier = [s for s in self.all_steps() if s < step]
+    reason = str(error).splitlines()[0] if str(error) else ""
     return CheckpointCorruptError(
         f"checkpoint step {step} in {self.directory} cannot be read "
-        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
-        "It was left untouched; move that step's directory away to resume from "
-        + (f"an earlier one (steps {others})" if others else "scratch (no other checkpoint)")
+        f"({type(error).__name__}: {reason}); it was left untouched. "
+        + (f"Rerun with --step={earlier[-1]} to use the newest earlier checkpoint (training moves "
+           f"the newer ones to {self.set_aside_directory})" if earlier else
+           "No earlier checkpoint: move that step's directory away to start from scratch")
         + ".")
 
   def close(self) -> None:

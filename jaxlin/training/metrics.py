@@ -324,8 +324,9 @@ class ProgressBar:
   On a TTY the line is redrawn with "\\r"; otherwise (logs, CI) a plain line is
   printed for the first update, then at most every `min_interval_s` seconds,
   and always for the last step (or, at `close`, for the last update if it was
-  not printed). The ETA uses the rate measured since the bar was created, from
-  `initial_step`, so a resumed run gets a sane one. `enabled=None` draws on
+  not printed). The ETA uses the rate measured from the first update on (that
+  update follows the first step, which compiles, so compilation does not count; a
+  resumed run gets a sane one too); until a second update it shows "?". `enabled=None` draws on
   process 0 only; `stream=None` is sys.stderr.
   """
 
@@ -341,7 +342,7 @@ class ProgressBar:
     self.min_interval_s = min_interval_s
     self.width = width
     self._clock = clock
-    self._start = clock()
+    self._first: tuple[float, int] | None = None   # (time, step) of the first update
     self._last_print = -math.inf
     self._pending: str | None = None  # the last line not printed (non-TTY)
     self._drawn = 0  # length of the line on screen (TTY)
@@ -357,9 +358,12 @@ class ProgressBar:
     filled = int(frac * self.width)
     bar = "=" * filled + (">" if filled < self.width else "")
     bar = bar.ljust(self.width)
-    done = step - self.initial_step
-    elapsed = self._clock() - self._start
-    eta = (self.total_steps - step) * elapsed / done if done > 0 and elapsed > 0 else math.nan
+    eta = math.nan
+    if self._first is not None:
+      done = step - self._first[1]
+      elapsed = self._clock() - self._first[0]
+      if done > 0 and elapsed > 0:
+        eta = (self.total_steps - step) * elapsed / done
     if step >= self.total_steps:
       eta = 0.0
     parts = [f"step {step}/{self.total_steps} [{bar}] {int(frac * 100)}%",
@@ -374,6 +378,8 @@ class ProgressBar:
     """Shows `step` with its loss, tokens/s and `extra` name/value pairs."""
     if not self.enabled:
       return
+    if self._first is None:
+      self._first = (self._clock(), step)
     text = self.line(step, loss=loss, tokens_per_second=tokens_per_second, **extra)
     if self.tty:
       self.stream.write("\r" + text.ljust(self._drawn))

@@ -47,7 +47,9 @@ def validate(config: ml_collections.ConfigDict, num_steps: int) -> None:
   check("end_learning_rate", 0 <= config.end_learning_rate <= config.learning_rate,
         f"in [0, learning_rate={config.learning_rate}]")
   check("warmup_steps", 0 <= config.warmup_steps < num_steps,
-        f"an int in [0, train.num_steps={num_steps})")
+        f"an int in [0, train.num_steps={num_steps}): the warmup must end before the run "
+        f"does; for this run try --config.optimizer.warmup_steps={num_steps // 10} (10%), "
+        f"or raise --config.train.num_steps")
   check("b1", 0 <= config.b1 < 1, "in [0, 1)")
   check("b2", 0 <= config.b2 < 1, "in [0, 1)")
   check("eps", config.eps > 0, "> 0")

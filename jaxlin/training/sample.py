@@ -66,8 +66,9 @@ def write_samples(workdir: str, step: int, samples: list[str]) -> str:
 
 
 def from_checkpoint(config: ml_collections.ConfigDict, *, prompt: str | None = None,
-                    step: int | None = None) -> tuple[int, list[str]]:
-  """(step, samples) from the newest checkpoint (or `step`) of `config.workdir`."""
+                    step: int | None = None, seed: int | None = None) -> tuple[int, list[str]]:
+  """(step, samples) from the newest checkpoint (or `step`) of `config.workdir`; sampled
+  with `seed` (None: config.seed)."""
   checkpointer = Checkpointer(config.workdir, max_to_keep=config.checkpoint.max_to_keep)
   steps_saved = checkpointer.all_steps()
   if not steps_saved:
@@ -75,7 +76,7 @@ def from_checkpoint(config: ml_collections.ConfigDict, *, prompt: str | None = N
                             f"(python run.py --config ... --config.workdir={config.workdir})")
   step = steps_saved[-1] if step is None else step
   if step not in steps_saved:
-    raise ValueError(f"step={step}: no such checkpoint in {checkpointer.directory}; "
+    raise ValueError(f"--step={step}: no such checkpoint in {checkpointer.directory}; "
                      f"saved steps: {steps_saved}")
   if config.data.source == "mqar":
     raise ValueError("data.source='mqar': MQAR runs have no text to sample; "
@@ -88,4 +89,5 @@ def from_checkpoint(config: ml_collections.ConfigDict, *, prompt: str | None = N
   params = checkpointer.restore(step, abstract_params=abstract_params)["params"]
   checkpointer.close()
   model = nnx.merge(graphdef, params)
-  return step, sample_text(model, tokenizer, config.sample, seed=config.seed, prompt=prompt)
+  seed = config.seed if seed is None else seed
+  return step, sample_text(model, tokenizer, config.sample, seed=seed, prompt=prompt)

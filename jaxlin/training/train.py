@@ -5,8 +5,12 @@
     end: final eval, checkpoint, loss.png, text samples (samples.txt)
 
 Resuming: a work directory with a checkpoint continues from its newest step
-with the same parameters, optimizer state and data position, so N steps in one
-go and N/2 + N/2 across a restart give the same losses and parameters.
+(`restore_step`: from that one; the newer checkpoints are moved to
+`<workdir>/checkpoints_set_aside`) with the same parameters, optimizer state and data
+position, so N steps in one go and N/2 + N/2 across a restart give the same losses and
+parameters. An eval that was due at the resumed step and is missing from metrics.jsonl
+(a signal stopped the run there) is done first. A run that fails before its first
+checkpoint or metrics record removes the work directory it created.
 SIGTERM / SIGINT finish the current step, save a checkpoint and return
 (`TrainResult.interrupted` names the signal; a second SIGINT aborts at once).
 A non-finite metric raises `NonFiniteError` naming the step and the metric;
@@ -23,6 +27,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 from typing import Any, Iterator
 
@@ -156,11 +161,65 @@ def _write_json(path: str, value: Any) -> None:
 
 
 # ---------------------------------------------------------------- the run
-def train(config: ml_collections.ConfigDict) -> TrainResult:
-  """Trains (or resumes) the run described by `config` in `config.workdir`."""
+def _only_startup_files(workdir: str) -> bool:
+  """True when `workdir` holds nothing a run produced: at most config.json and an empty
+  checkpoints directory."""
+  for name in os.listdir(workdir):
+    path = os.path.join(workdir, name)
+    if name == "checkpoints" and os.path.isdir(path) and not os.listdir(path):
+      continue
+    if name != "config.json":
+      return False
+  return True
+
+
+def _resume_step(checkpointer: Checkpointer, restore_step: int | None) -> int:
+  """The step to resume from: the newest checkpoint, or `restore_step` (whose newer
+  checkpoints are moved aside); 0 for a fresh run."""
+  saved = checkpointer.all_steps()
+  if restore_step is None:
+    return saved[-1] if saved else 0
+  validation.require(restore_step in saved, "--step", restore_step,
+                     f"a saved checkpoint step of {checkpointer.directory}: {saved}"
+                     if saved else f"no value: {checkpointer.directory} has no checkpoint")
+  newer = [s for s in saved if s > restore_step]
+  if newer:
+    moved = checkpointer.set_aside(newer)
+    log.warning("resuming from step %d: moved the newer checkpoints %s to %s", restore_step,
+                newer, os.path.dirname(moved[0]))
+  return restore_step
+
+
+def _eval_missing(workdir: str, step: int, every: int, num_steps: int) -> bool:
+  """An eval was due at `step` (an eval step before the last) and metrics.jsonl lacks it."""
+  if not every or step % every or not 0 < step < num_steps:
+    return False
+  if not os.path.exists(os.path.join(workdir, metrics_lib.METRICS_FILE)):
+    return True
+  return not any(r.get("split") == "eval" and r.get("step") == step
+                 for r in metrics_lib.read_metrics(workdir))
+
+
+def train(config: ml_collections.ConfigDict, *, restore_step: int | None = None) -> TrainResult:
+  """Trains (or resumes) the run described by `config` in `config.workdir`.
+
+  restore_step: resume from this checkpoint instead of the newest (None: the newest).
+  """
   validate_config(config)
   workdir = os.path.abspath(config.workdir)
+  created = not os.path.exists(workdir)
   os.makedirs(workdir, exist_ok=True)
+  try:
+    return _train(config, workdir, restore_step)
+  except BaseException:
+    if created and os.path.isdir(workdir) and _only_startup_files(workdir):
+      shutil.rmtree(workdir, ignore_errors=True)   # a failed start leaves no empty workdir
+    raise
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           restore_step: int | None) -> TrainResult:
+  """`train` in an existing work directory."""
   primary = jax.process_index() == 0
   dataset = data_lib.build(config.data, process_index=jax.process_index(),
                            process_count=jax.process_count())
@@ -185,7 +244,7 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
     meta = {"config": json.loads(config.to_json_best_effort()),
             "model": dataclasses.asdict(model_config)}
 
-    start = checkpointer.latest_step() or 0
+    start = _resume_step(checkpointer, restore_step)
     if start:
       checkpointer.check_compatible(start, abstract_params=abstract[0],
                                     abstract_opt_state=abstract[1], model_fields=meta["model"])
@@ -233,6 +292,8 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
       window: list[dict[str, float]] = []
       # tokens/s between log points, from the end of the first step (which compiles) on
       timer = metrics_lib.StepTimer(skip_first=True)
+      if _eval_missing(workdir, start, config.eval.every_steps, num_steps):
+        last_eval = evaluate(start)   # a signal stopped the run where this eval was due
 
       def flush() -> None:
         """Fetches the pending step's metrics: NaN check, progress, logging."""

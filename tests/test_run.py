@@ -111,6 +111,7 @@ def _error_lines(stderr: str) -> list[str]:
     (["--config.data.source=text", "--config.data.paths=/no/such/file.txt"],
      "error: data.paths='/no/such/file.txt': no such file"),
     (["--seed=3"], "error: --seed=3: only for --mode=sample"),
+    (["--step=5"], "error: --step: got 5; expected no value: "),
 ])
 def test_a_user_error_is_one_line_and_exit_2(tmp_path, args: list[str], message: str) -> None:
   workdir = str(tmp_path / "run")
@@ -149,3 +150,21 @@ def test_fields_mode_lists_every_field_with_its_comment(tmp_path) -> None:
   assert "# AdamW second-moment decay" in by_path["optimizer.b2"]
   assert by_path["model.d_model"].startswith("model.d_model = 32")   # the overridden value
   assert not os.listdir(str(tmp_path))         # listing fields writes nothing
+
+
+def _raised(fn) -> BaseException:
+  try:
+    fn()
+  except BaseException as error:  # noqa: BLE001 - the test inspects it
+    return error
+  raise AssertionError("nothing raised")
+
+
+def test_only_the_repositorys_own_checks_are_user_errors() -> None:
+  """A config check's ValueError is a user error (one line); a ValueError from a library
+  deep inside a computation, or another exception type, is a bug and keeps its traceback."""
+  from jaxlin import validation
+  from jaxlin.training import cli
+  assert cli.is_user_error(_raised(lambda: validation.fail("model.d_model", 0, "an int >= 1")))
+  assert not cli.is_user_error(_raised(lambda: np.zeros(3).reshape(2)))
+  assert not cli.is_user_error(TypeError("not raised"))

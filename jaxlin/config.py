@@ -4,7 +4,8 @@ A hybrid model has `num_layers` residual blocks; block i has a token mixer of
 type `layer_types[i]` and a channel mixer (dense SwiGLU or MoE):
 
     layer_types = (pattern * ceil(num_layers / len(pattern)))[:num_layers]
-    "L": linear attention (`linear_variant`) or MoM (mixer="mom")
+    "L": linear attention (`linear_variant`), MoM (mixer="mom") or Liger (mixer="liger": a
+         softmax layer's projections run as a gated recurrence, `jaxlin.layers.liger`)
     "N": softmax attention (RoPE, GQA, optional sliding window)
     block i is MoE  <=>  moe_every > 0 and (i + 1) % moe_every == 0
 
@@ -32,12 +33,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxlin import validation
-from jaxlin.layers import feature_maps, linear_attention, moe, routing
+from jaxlin.layers import feature_maps, liger, linear_attention, lora, moe, rope, routing
 from jaxlin.ops import arguments
 from jaxlin.ops import attention as attention_ops
 
 LAYER_TYPES = ("L", "N")
-MIXERS = ("linear", "mom")
+MIXERS = ("linear", "mom", "liger")
 IMPLS = tuple(arguments.IMPLS)  # of the linear ops
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
@@ -68,7 +69,7 @@ class ModelConfig:
   head_dim: int | None = None          # softmax head dim (None: D / H)
   # hybrid layout and token mixers
   pattern: str = "L"                   # over {L, N}, repeated to num_layers
-  mixer: str = "linear"                # L blocks: "linear" (LinearAttention) or "mom"
+  mixer: str = "linear"                # L blocks: "linear" (LinearAttention), "mom" or "liger"
   linear_variant: str = "gla"          # a key of jaxlin.layers.linear_attention.VARIANTS
   linear_head_dim: int | None = None   # L head dim (None: D / H)
   feature_map: str | None = None       # None: the variant's own
@@ -83,9 +84,20 @@ class ModelConfig:
   mom_shared_memory: bool = True
   mom_aux_coef: float = 0.01
   mom_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  liger_recurrence: str = "gla"        # Liger L blocks: "gla" or "gated_deltanet"
+  liger_gate: str | None = None        # gate from the key projection (None: the recurrence's)
+  liger_window: int = 64               # Liger Attention's sliding window (0: Liger-GLA only)
+  liger_window_weight: float = 0.5     # o = this * SWA + liger_recurrent_weight * recurrence
+  liger_recurrent_weight: float = 0.5
   window: int | None = None            # softmax sliding window (None: full causal)
   rope_theta: float = 10000.0
+  rope_scaling: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # {}: none; linear, llama3
   qk_norm: bool = False
+  qkv_bias: bool = False               # biases on the q, k, v projections (Qwen2)
+  out_bias: bool = False               # bias on the attention output projection
+  lora_rank: int = 0                   # LoRA adapters on the attention projections (0: none)
+  lora_alpha: float = 8.0              # adapter scale alpha / rank
+  lora_targets: str = "q_proj,k_proj,v_proj"  # comma-separated subset of q/k/v/o_proj
   attention_impl: str = "auto"         # of jaxlin.ops.dot_product_attention
   # channel mixers
   mlp_hidden: int | None = None        # dense SwiGLU width
@@ -111,7 +123,7 @@ class ModelConfig:
   norm_eps: float = 1e-6               # of the model's RMSNorms
 
   def __post_init__(self) -> None:
-    for name in ("linear_options", "mom_options", "moe_options"):
+    for name in ("linear_options", "mom_options", "moe_options", "rope_scaling"):
       value = getattr(self, name)
       validation.require(isinstance(value, Mapping), name, value,
                          "a mapping of keyword arguments")
@@ -235,6 +247,20 @@ class ModelConfig:
     for name in ("init_std", "moe_aux_coef", "moe_z_coef", "mom_aux_coef", "norm_eps"):
       validation.non_negative(name, getattr(self, name))
     validation.require(self.rope_theta > 0, "rope_theta", self.rope_theta, "a number > 0")
+    rope.check_scaling(self.rope_scaling)
+    self.lora_spec()
+    if "L" in self.layer_types and self.mixer == "liger":
+      validation.choice("liger_recurrence", self.liger_recurrence, tuple(liger.RECURRENCES))
+      if self.liger_gate is not None:
+        validation.choice("liger_gate", self.liger_gate, tuple(liger.GATES))
+      validation.non_negative_int("liger_window", self.liger_window)
+      validation.non_negative("liger_window_weight", self.liger_window_weight)
+      validation.non_negative("liger_recurrent_weight", self.liger_recurrent_weight)
+
+  def lora_spec(self) -> lora.LoRASpec | None:
+    """The LoRA adapters of the attention projections (None when lora_rank is 0)."""
+    spec = lora.LoRASpec.parse(self.lora_rank, self.lora_alpha, self.lora_targets)
+    return spec if spec.rank else None
 
   # ------------------------------------------------------------ construction
   @classmethod

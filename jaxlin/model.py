@@ -31,6 +31,7 @@ from flax import nnx
 from jaxlin.config import ModelConfig
 from jaxlin.layers.attention import SoftmaxAttention
 from jaxlin.layers.base import Aux, Cache, ParamCounts
+from jaxlin.layers.liger import LigerAttention
 from jaxlin.layers.linear_attention import LinearAttention
 from jaxlin.layers.mlp import SwiGLU
 from jaxlin.layers.moe import MoE
@@ -44,12 +45,20 @@ f32 = jnp.float32
 def build_token_mixer(config: ModelConfig, index: int, *, rngs: nnx.Rngs) -> nnx.Module:
   """The token mixer of block `index`: linear attention / MoM for "L", softmax for "N"."""
   dtypes = dict(dtype=config.compute_dtype(), param_dtype=config.parameter_dtype())
+  attention = dict(num_kv_heads=config.resolved_num_kv_heads, head_dim=config.resolved_head_dim,
+                   rope_theta=config.rope_theta, rope_scaling=config.rope_scaling,
+                   qk_norm=config.qk_norm, impl=config.attention_impl, qkv_bias=config.qkv_bias,
+                   out_bias=config.out_bias, lora=config.lora_spec(), init_std=config.init_std,
+                   rngs=rngs, **dtypes)
   if config.layer_types[index] == "N":
-    return SoftmaxAttention(
-        config.d_model, config.num_heads, num_kv_heads=config.resolved_num_kv_heads,
-        head_dim=config.resolved_head_dim, window=config.window,
-        rope_theta=config.rope_theta, qk_norm=config.qk_norm, impl=config.attention_impl,
-        init_std=config.init_std, rngs=rngs, **dtypes)
+    return SoftmaxAttention(config.d_model, config.num_heads, window=config.window, **attention)
+  if config.mixer == "liger":
+    return LigerAttention(
+        config.d_model, config.num_heads, recurrence=config.liger_recurrence,
+        gate=config.liger_gate, liger_window=config.liger_window,
+        window_weight=config.liger_window_weight,
+        recurrent_weight=config.liger_recurrent_weight, chunk_size=config.chunk_size,
+        recurrent_impl=config.impl, **attention)
   if config.mixer == "mom":
     return MixtureOfMemories(
         config.d_model, config.num_heads, core=config.mom_core,

@@ -1,6 +1,6 @@
 """Imports point one way (docs/design.md §1): no circle, and no import up the layers.
 
-    pallas_kernels <- jaxlin.ops <- jaxlin.layers <- jaxlin.{config, model, generate, data}
+    pallas_kernels <- jaxlin.ops <- jaxlin.layers <- jaxlin.{config, model, generate, data, interop}
                    <- jaxlin.training
 
 The graph is read from the source (every import statement, function-level ones included).
@@ -33,6 +33,7 @@ LAYERS = {
     "jaxlin.model": 3,
     "jaxlin.generate": 3,
     "jaxlin.data": 3,
+    "jaxlin.interop": 3,
     "jaxlin.training": 4,
     "jaxlin": 5,          # the package's __init__: the public names
 }

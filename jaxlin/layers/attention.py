@@ -1,9 +1,10 @@
 """Softmax attention token mixer (the N layer): RoPE, GQA, causal, sliding window, packed documents.
 
-    q = rope(norm_q(x W_q)), k = rope(norm_k(x W_k)), v = x W_v      (norms only with qk_norm)
+    q = rope(norm_q(x W_q + b_q)), k = rope(norm_k(x W_k + b_k)), v = x W_v + b_v
+                            (norms only with qk_norm; biases only with qkv_bias, as Qwen2)
     o_t = sum_{s visible from t} softmax_s(<q_t, k_s> / sqrt(D)) v_s   (GQA: head h reads kv
           head h // (H / Hkv)),  visible: s <= t, s > t - window, same document
-    y = concat_h(o) W_o
+    y = concat_h(o) W_o [+ b_o with out_bias]
 
 RoPE positions restart at 0 at every document (a document is a maximal run of equal
 `segment_ids`; a later document may reuse an id) and, with a cache, continue from the number of
@@ -16,10 +17,15 @@ T new tokens attends over the cache plus its own keys (the ring's slot positions
 "length"; empty slots carry a far-future position that the causal mask hides), then writes the
 new keys. Prefill of any length followed by decode equals the full forward.
 
+`rope_scaling` is a checkpoint's context-extension rule (`jaxlin.layers.rope`: linear, llama3);
+`lora` puts low-rank adapters on some projections (`jaxlin.layers.lora`).
+
 Legend: B batch, T time, d d_model, H query heads, Hkv key/value heads, D head dim, L cache slots.
 """
 
 from __future__ import annotations
+
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +34,9 @@ from flax import nnx
 
 from jaxlin import validation
 from jaxlin.layers.base import Cache, MixerOutput
+from jaxlin.layers.lora import LoRASpec, projection
 from jaxlin.layers.norm import RMSNorm
-from jaxlin.layers.rope import apply_rope
+from jaxlin.layers.rope import apply_rope, check_scaling
 from jaxlin.ops import documents
 from jaxlin.ops.attention import IMPLS, dot_product_attention
 
@@ -62,12 +69,15 @@ class SoftmaxAttention(nnx.Module):
   """Multi-head softmax attention with RoPE, GQA, optional sliding window and QK RMSNorm.
 
   y = softmax(mask(rope(q) rope(k)^T / sqrt(D))) v W_o per head; see the module docstring.
-  Projection weights are drawn from N(0, init_std^2) (no biases). Implements the token-mixer contract of `jaxlin.layers.base` (aux is empty).
+  Projection weights are drawn from N(0, init_std^2); biases (qkv_bias, out_bias) start at 0.
+  Implements the token-mixer contract of `jaxlin.layers.base` (aux is empty).
   """
 
   def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None,
                head_dim: int | None = None, rope_theta: float = 10000.0,
                window: int | None = None, qk_norm: bool = False, impl: str = "auto",
+               qkv_bias: bool = False, out_bias: bool = False,
+               rope_scaling: Mapping[str, Any] | None = None, lora: LoRASpec | None = None,
                init_std: float = 0.02, dtype: jnp.dtype = f32, param_dtype: jnp.dtype = f32,
                rngs: nnx.Rngs) -> None:
     validation.positive_int("d_model", d_model)
@@ -87,15 +97,18 @@ class SoftmaxAttention(nnx.Module):
     validation.positive_int("window", window, optional=True)
     validation.choice("impl", impl, IMPLS)
     validation.non_negative("init_std", init_std)
+    check_scaling(rope_scaling)
+    self.rope_scaling = None if not rope_scaling else dict(rope_scaling)
     self.d_model, self.num_heads, self.num_kv_heads = d_model, num_heads, num_kv_heads
     self.head_dim, self.rope_theta, self.window = head_dim, float(rope_theta), window
     self.impl, self.dtype = impl, dtype
-    linear = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+    linear = dict(lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                   kernel_init=jax.nn.initializers.normal(init_std))
-    self.q_proj = nnx.Linear(d_model, num_heads * head_dim, **linear)
-    self.k_proj = nnx.Linear(d_model, num_kv_heads * head_dim, **linear)
-    self.v_proj = nnx.Linear(d_model, num_kv_heads * head_dim, **linear)
-    self.o_proj = nnx.Linear(num_heads * head_dim, d_model, **linear)
+    q_width, kv_width = num_heads * head_dim, num_kv_heads * head_dim
+    self.q_proj = projection("q_proj", d_model, q_width, use_bias=qkv_bias, **linear)
+    self.k_proj = projection("k_proj", d_model, kv_width, use_bias=qkv_bias, **linear)
+    self.v_proj = projection("v_proj", d_model, kv_width, use_bias=qkv_bias, **linear)
+    self.o_proj = projection("o_proj", q_width, d_model, use_bias=out_bias, **linear)
     self.q_norm = RMSNorm(head_dim, param_dtype=param_dtype) if qk_norm else None
     self.k_norm = RMSNorm(head_dim, param_dtype=param_dtype) if qk_norm else None
 
@@ -156,21 +169,28 @@ class SoftmaxAttention(nnx.Module):
     B, T, _ = x.shape
     x = x.astype(self.dtype)
     q, k, v = self._project(x)
-    if cache is None:
-      if segment_ids is None:
-        pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        docs = None
-      else:
-        pos, docs = document_positions(segment_ids), documents.document_index(segment_ids)
-      q = apply_rope(q, pos, theta=self.rope_theta)
-      k = apply_rope(k, pos, theta=self.rope_theta)
-      o = dot_product_attention(q, k, v, causal=True, window=self.window, segment_ids_q=docs,
-                                impl=self.impl)
-      new_cache = None
-    else:
-      o, new_cache = self._attend_with_cache(q, k, v, cache)
+    o, new_cache = self.attend(q, k, v, segment_ids=segment_ids, cache=cache)
     y = self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
     return MixerOutput(y, new_cache, {})
+
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *,
+             segment_ids: jax.Array | None = None,
+             cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+    """Softmax attention of projected q [B,T,H,D], k, v [B,T,Hkv,D] before RoPE (RoPE, mask,
+    cache here) -> (o [B,T,H,D], updated cache or None)."""
+    if cache is not None:
+      return self._attend_with_cache(q, k, v, cache)
+    B, T = q.shape[:2]
+    if segment_ids is None:
+      pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+      docs = None
+    else:
+      pos, docs = document_positions(segment_ids), documents.document_index(segment_ids)
+    q = apply_rope(q, pos, theta=self.rope_theta, scaling=self.rope_scaling)
+    k = apply_rope(k, pos, theta=self.rope_theta, scaling=self.rope_scaling)
+    o = dot_product_attention(q, k, v, causal=True, window=self.window, segment_ids_q=docs,
+                              impl=self.impl)
+    return o, None
 
   def _attend_with_cache(self, q: jax.Array, k: jax.Array, v: jax.Array,
                          cache: Cache) -> tuple[jax.Array, Cache]:
@@ -178,8 +198,10 @@ class SoftmaxAttention(nnx.Module):
     B, T = q.shape[:2]
     n = cache["length"].astype(jnp.int32)
     pos = n + jnp.arange(T, dtype=jnp.int32)                            # [T]
-    q = apply_rope(q, jnp.broadcast_to(pos, (B, T)), theta=self.rope_theta)
-    k = apply_rope(k, jnp.broadcast_to(pos, (B, T)), theta=self.rope_theta)
+    q = apply_rope(q, jnp.broadcast_to(pos, (B, T)), theta=self.rope_theta,
+                   scaling=self.rope_scaling)
+    k = apply_rope(k, jnp.broadcast_to(pos, (B, T)), theta=self.rope_theta,
+                   scaling=self.rope_scaling)
     k, v = k.astype(cache["keys"].dtype), v.astype(cache["values"].dtype)
     slots = cache["keys"].shape[1]
     if self.window is None:

@@ -5,6 +5,10 @@
 
     update = AdamW(clip_by_global_norm(g, grad_clip); b1, b2, eps, weight_decay * mask)
 
+`trainable="lora"` trains only the LoRA adapters (`lora_a`, `lora_b`; jaxlin.layers.lora): every
+other parameter gets a zero update and no optimizer state, and the clipping norm is the
+adapters' own.
+
 Weight decay applies to the matrices (ndim >= 2: projections, experts, the
 embedding and head) and never to norms, biases or the parameters of a gate
 (anything under a module named in `NO_DECAY_MODULES`: decay gates such as
@@ -23,6 +27,8 @@ from jaxlin import validation
 from jaxlin.training import tree_paths
 
 NO_DECAY_MODULES = frozenset({"gate", "gates", "bonus", "shift_mix"})  # gates: MoM's
+TRAINABLE = ("all", "lora")
+LORA_LEAVES = frozenset({"lora_a", "lora_b"})
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -36,6 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eps = 1e-8                 # AdamW epsilon
   c.weight_decay = 0.1         # decoupled, on matrices only (see decay_mask)
   c.grad_clip = 1.0            # global-norm clipping; 0 disables
+  c.trainable = "all"          # "all" parameters, or only the "lora" adapters (model.lora_rank)
   return c
 
 
@@ -55,6 +62,8 @@ def validate(config: ml_collections.ConfigDict, num_steps: int) -> None:
   check("eps", config.eps > 0, "> 0")
   check("weight_decay", config.weight_decay >= 0, ">= 0")
   check("grad_clip", config.grad_clip >= 0, ">= 0 (0 disables clipping)")
+  check("trainable", config.get("trainable", "all") in TRAINABLE,
+        f"one of {list(TRAINABLE)} (lora needs model.lora_rank > 0)")
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -71,13 +80,24 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def trainable_labels(params: Any) -> Any:
+  """"train" for the LoRA adapter leaves, "freeze" for every other parameter."""
+  def label(path: tuple[Any, ...], leaf: jax.Array) -> str:
+    del leaf
+    return "train" if LORA_LEAVES.intersection(tree_paths.path_names(path)) else "freeze"
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
 def make_optimizer(config: ml_collections.ConfigDict,
                    num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(AdamW with clipping and the decay mask, its learning-rate schedule)."""
+  """(AdamW with clipping and the decay mask, its learning-rate schedule); with
+  trainable="lora" it updates the LoRA adapters only."""
   validate(config, num_steps)
   schedule = learning_rate_schedule(config, num_steps)
-  adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                      weight_decay=config.weight_decay, mask=decay_mask)
+  tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                   weight_decay=config.weight_decay, mask=decay_mask)
   if config.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw), schedule
-  return adamw, schedule
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
+  if config.get("trainable", "all") == "lora":
+    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, trainable_labels)
+  return tx, schedule

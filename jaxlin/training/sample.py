@@ -20,8 +20,7 @@ from flax import nnx
 
 from jaxlin import data as data_lib
 from jaxlin import generate, validation
-from jaxlin.config import model_config_for
-from jaxlin.training import steps
+from jaxlin.training import pretrained, steps
 from jaxlin.training.checkpoint import Checkpointer
 
 
@@ -82,7 +81,7 @@ def from_checkpoint(config: ml_collections.ConfigDict, *, prompt: str | None = N
     raise ValueError("data.source='mqar': MQAR runs have no text to sample; "
                      "their eval accuracy is in metrics.jsonl")
   tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
-  model_config = model_config_for(config, tokenizer.vocab_size)
+  model_config = pretrained.run_model_config(config, tokenizer.vocab_size)
   graphdef, abstract_params = steps.abstract_params(model_config)
   checkpointer.check_compatible(step, abstract_params=abstract_params,
                                 model_fields=dataclasses.asdict(model_config))

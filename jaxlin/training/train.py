@@ -40,9 +40,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlin import data as data_lib
 from jaxlin import validation
-from jaxlin.config import model_config_for
 from jaxlin.training import metrics as metrics_lib
-from jaxlin.training import optim, plot, sample, steps
+from jaxlin.training import optim, plot, pretrained, sample, steps
 from jaxlin.training.checkpoint import Checkpointer
 
 log = logging.getLogger("jaxlin")
@@ -223,14 +222,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   primary = jax.process_index() == 0
   dataset = data_lib.build(config.data, process_index=jax.process_index(),
                            process_count=jax.process_count())
-  model_config = model_config_for(config, dataset.vocab_size)
+  model_config = pretrained.run_model_config(config, dataset.vocab_size)
+  trainable = config.optimizer.get("trainable", "all")
+  validation.require(trainable != "lora" or model_config.lora_rank > 0, "optimizer.trainable",
+                     trainable, "'all': the model has no LoRA adapters (set model.lora_rank)")
   num_steps = config.train.num_steps
   tx, schedule = optim.make_optimizer(config.optimizer, num_steps)
 
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-  graphdef, params = steps.init_params(model_config, config.seed)
+  params = pretrained.initial_params(model_config, config)   # None: from scratch
+  if params is None:
+    graphdef, params = steps.init_params(model_config, config.seed)
+  else:
+    graphdef = steps.abstract_params(model_config)[0]
   params = jax.device_put(params, replicated)
   opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),

@@ -62,7 +62,7 @@ def test_pattern_repeats_to_depth() -> None:
     (dict(pattern="lln"), r"pattern: got 'lln'; expected a non-empty string over \['L', 'N'\]"),
     (dict(pattern=""), r"pattern: got ''; expected a non-empty string"),
     (dict(linear_variant="gla2"), r"linear_variant: got 'gla2'; expected one of .*'gla'"),
-    (dict(mixer="rnn"), r"mixer: got 'rnn'; expected one of \('linear', 'mom'\)"),
+    (dict(mixer="rnn"), r"mixer: got 'rnn'; expected one of \('linear', 'mom', 'liger'\)"),
     (dict(mixer="mom", mom_core="rwkv7"), r"mom_core: got 'rwkv7'; expected one of \('bla', "),
     (dict(mixer="mom", mom_num_memories=2, mom_top_k=3), r"mom_top_k: got 3; expected an int in \[1, mom_num_memories=2\]"),
     (dict(d_model=30, num_heads=4), r"num_heads: got 4; expected a divisor of d_model=30"),

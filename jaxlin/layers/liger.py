@@ -13,6 +13,10 @@ same shapes), so a Llama-family layer converts by changing its config. For x [B,
                                  k' = l2norm(phi(k)), q' = l2norm(phi(q)), b_t = sigmoid(pool k)
     o_rec_t = S_t^T phi(q_t)                          (scale 1)
 
+The paper converts into GLA (and its Table 1 gates); "gated_deltanet" is jaxlin's extension, not
+in the paper: the same pretrained q/k/v feed a delta rule, with the write strength b_t and the
+l2-normalised feature maps the delta rule needs to stay stable.
+
     Liger Attention (window w > 0):  o = a * SWA_w(rope(q), rope(k), v) + c * o_rec
                                      (a, c = window_weight, recurrent_weight; paper 0.5, 0.5, w 64)
     Liger-GLA        (window 0):     o = o_rec

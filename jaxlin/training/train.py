@@ -272,11 +272,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
         donate_argnums=(0,))
     eval_step = jax.jit(steps.make_eval_step(graphdef), in_shardings=(replicated, batch_sharding),
                         out_shardings=replicated)
-    validation = list(_device_batches(iter(dataset.validation_batches(config.eval.num_batches)),
+    eval_batches = list(_device_batches(iter(dataset.validation_batches(config.eval.num_batches)),
                                       batch_sharding))
 
     def evaluate(step: int) -> dict[str, float]:
-      sums = [jax.device_get(eval_step(state.params, batch)) for batch in validation]
+      sums = [jax.device_get(eval_step(state.params, batch)) for batch in eval_batches]
       result = steps.summarise_eval([{k: float(v) for k, v in s.items()} for s in sums])
       writer.write(step, result, split="eval")
       log.info("eval step %d: loss %.4f perplexity %.2f accuracy %.4f", step, result["loss"],

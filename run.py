@@ -1,8 +1,9 @@
-"""jaxlin's entry point: train a config, or sample text from a work directory's checkpoint.
+"""jaxlin's entry point: train a config, sample from or export a work directory's checkpoint.
 
     python run.py --config configs/default.py                        # train (or resume)
     python run.py --config configs/default.py --config.train.num_steps=50 --config.workdir=/tmp/x
     python run.py --config configs/default.py --mode=sample --prompt="ROMEO." --seed=1
+    python run.py --config configs/liger.py --mode=export --out=/tmp/jaxlin/liger-hf
     python run.py --config configs/default.py --mode=fields          # every field, its comment
     python run.py --config configs/default.py --step=200             # resume from step 200
 
@@ -24,13 +25,15 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file; override fields with --config.<group>.<field>=value.",
     lock_config=True)
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "fields"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "export", "fields"],
                           "train: train or resume in config.workdir; sample: print samples of "
-                          "a checkpoint there; fields: list every config field, its value and "
+                          "a checkpoint there; export: write it as a Hugging Face directory "
+                          "(--out; LoRA merged); fields: list every config field, its value and "
                           "its comment.")
 _PROMPT = flags.DEFINE_string("prompt", None, "sample mode: the prompt (default: config.sample.prompt).")
-_STEP = flags.DEFINE_integer("step", None, "the checkpoint step to resume from (train) or to sample "
-                             "(sample); default: the newest.")
+_STEP = flags.DEFINE_integer("step", None, "the checkpoint step to resume from (train), to sample "
+                             "(sample) or to write (export); default: the newest.")
+_OUT = flags.DEFINE_string("out", None, "export mode: the directory to write.")
 _SEED = flags.DEFINE_integer("seed", None, "sample mode: the sampling seed (default: config.seed).")
 flags.DEFINE_boolean("debug", False, "show the traceback of a config / data / checkpoint error "
                      "(also JAXLIN_DEBUG=1).")
@@ -42,7 +45,7 @@ CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"
 def _usage() -> str:
   configs = sorted(f for f in os.listdir(CONFIGS_DIR) if f.endswith(".py") and f != "__init__.py")
   return (f"usage: python run.py --config configs/<name>.py [--config.<group>.<field>=value ...] "
-          f"[--mode=train|sample|fields]\nconfigs: {', '.join(configs)}")
+          f"[--mode=train|sample|export|fields]\nconfigs: {', '.join(configs)}")
 
 
 def _override_paths(argv: list[str]) -> list[str]:
@@ -114,7 +117,7 @@ def run(argv: list[str]) -> int:
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
   import jax  # after flag parsing, so --help is fast
 
-  from jaxlin.training import sample, train
+  from jaxlin.training import export, sample, train
 
   log = logging.getLogger("jaxlin")
   log.info("jax %s, process %d of %d, devices: %s", jax.__version__, jax.process_index(),
@@ -126,6 +129,12 @@ def run(argv: list[str]) -> int:
     for i, text in enumerate(samples):
       print(f"===== step {step} sample {i} =====\n{text}")
     return 0
+  if _MODE.value == "export":
+    step, out = export.export_run(config, _OUT.value or "", step=_STEP.value)
+    log.info("wrote checkpoint step %d to %s (config.json + model.safetensors)", step, out)
+    return 0
+  if _OUT.value is not None:
+    raise ValueError(f"--out={_OUT.value}: only for --mode=export")
   if _SEED.value is not None:
     raise ValueError(f"--seed={_SEED.value}: only for --mode=sample; training takes "
                      f"--config.seed={_SEED.value}")

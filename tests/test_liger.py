@@ -238,6 +238,11 @@ def test_bad_checkpoints_name_the_tensor(checkpoint: str, tmp_path) -> None:
     hf_io.model_config_from_hf({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
 
 
+def _flops(fn, *args) -> float:
+  cost = fn.lower(*args).compile().cost_analysis()
+  return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
 def test_lora_training_changes_only_the_adapters_and_lowers_the_loss(checkpoint: str) -> None:
   """A few LoRA steps of the converted model on a repeated batch: the loss falls, only
   lora_a / lora_b leaves change; merging gives the same function."""
@@ -246,11 +251,16 @@ def test_lora_training_changes_only_the_adapters_and_lowers_the_loss(checkpoint:
   opt.update(trainable="lora", learning_rate=3e-2, warmup_steps=0, weight_decay=0.0)
   tx, schedule = optim.make_optimizer(opt, 30)
   graphdef = steps.abstract_params(config)[0]
-  train_step = jax.jit(steps.make_train_step(graphdef, tx, schedule))
+  train_step = jax.jit(steps.make_train_step(graphdef, tx, schedule,
+                                              trainable=optim.trainable_mask(opt)))
   tokens = np.random.RandomState(5).randint(0, 41, size=(4, 17))
   batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
            "segment_ids": jnp.zeros((4, 16), jnp.int32), "weights": jnp.ones((4, 16))}
   state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  # the frozen weights' gradients are not computed: fewer flops than the unmasked step
+  flops = [_flops(jax.jit(steps.make_train_step(graphdef, tx, schedule, trainable=mask)),
+                  state, batch) for mask in (None, optim.lora_mask)]
+  assert flops[1] < 0.9 * flops[0], flops
   losses = []
   for _ in range(30):
     state, metrics = train_step(state, batch)
@@ -264,3 +274,61 @@ def test_lora_training_changes_only_the_adapters_and_lowers_the_loss(checkpoint:
   plain = config.replace(lora_rank=0)
   np.testing.assert_allclose(_forward(plain, merged, TOKENS), _forward(config, state.params, TOKENS),
                              atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ configs/liger.py
+def _byte_bpe(path: str, vocab_size: int) -> None:
+  """A byte-level BPE tokenizer.json with `<|endoftext|>`, trained on a little Shakespeare."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  from jaxlin.data import shakespeare
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(shakespeare.load_works()[0].text[:20_000].split("\n\n"), trainer)
+  tok.save(path)
+
+
+@pytest.mark.slow  # ~30 s: a 4-step run, its checkpoint restored and exported
+def test_liger_config_fine_tunes_a_checkpoint_and_exports_it(tmp_path) -> None:
+  """configs/liger.py as a user runs it: init_from a Hugging Face directory (its tokenizer.json
+  becomes the data tokenizer), LoRA steps change only the adapters, --mode=export writes a
+  directory that re-imports to the same function."""
+  from configs import liger
+  from jaxlin.training import export, restore, train
+  hf_dir = str(tmp_path / "hf")
+  base = BASE.replace(vocab_size=300)
+  hf_io.export(base, steps.init_params(base, 0)[1], hf_dir)
+  _byte_bpe(os.path.join(hf_dir, "tokenizer.json"), 300)
+  config = liger.get_config()
+  config.init_from, config.workdir = hf_dir, str(tmp_path / "run")
+  config.data.update(seq_len=32, batch_size=4)
+  config.model.liger_window = 4
+  config.train.num_steps = 4
+  config.optimizer.warmup_steps = 1
+  config.checkpoint.every_steps = 4
+  config.eval.update(every_steps=4, num_batches=1)
+  config.logging.update(progress=False, tensorboard=False)
+  config.sample.update(num_samples=1, max_new_tokens=8)
+  assert config.data.tokenizer == os.path.join(hf_dir, "tokenizer.json")
+  result = train.train(config)
+  assert result.final_step == 4 and np.isfinite(result.last_eval["loss"])
+
+  run = restore.trained(config)
+  converted = hf_io.load_pretrained(hf_dir, **config.model.to_dict())[1]
+  before, after = traverse_util.flatten_dict(converted), traverse_util.flatten_dict(run.params)
+  changed = {p for p in before if not np.array_equal(before[p], after[p])}
+  assert changed and all(p[-1] in ("lora_a", "lora_b") for p in changed), changed
+
+  _, out = export.export_run(config, str(tmp_path / "exported"))
+  assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+  back, bparams = hf_io.load_pretrained(out)
+  assert (back.mixer, back.liger_window, back.lora_rank) == ("liger", 4, 0)
+  tokens = jnp.asarray(np.random.RandomState(6).randint(0, 300, size=(2, 15)))
+  np.testing.assert_allclose(_forward(back, bparams, tokens),
+                             _forward(run.model_config, run.params, tokens), atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="already holds a checkpoint"):
+    export.export_run(config, out)

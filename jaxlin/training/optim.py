@@ -17,7 +17,7 @@ Mamba2's A_log / dt_bias, MoM's per-memory gates, RWKV6's bonus and token-shift 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -86,6 +86,16 @@ def trainable_labels(params: Any) -> Any:
     del leaf
     return "train" if LORA_LEAVES.intersection(tree_paths.path_names(path)) else "freeze"
   return jax.tree_util.tree_map_with_path(label, params)
+
+
+def lora_mask(params: Any) -> Any:
+  """True for the LoRA adapter leaves (the only ones trainable="lora" trains), else False."""
+  return jax.tree.map(lambda label: label == "train", trainable_labels(params))
+
+
+def trainable_mask(config: ml_collections.ConfigDict) -> Callable[[Any], Any] | None:
+  """The `trainable` argument of `steps.make_train_step` for this optimizer config."""
+  return lora_mask if config.get("trainable", "all") == "lora" else None
 
 
 def make_optimizer(config: ml_collections.ConfigDict,

@@ -9,7 +9,6 @@ and samples `config.sample.num_samples` continuations of `config.sample.prompt`.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -18,10 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from jaxlin import data as data_lib
 from jaxlin import generate, validation
-from jaxlin.training import pretrained, steps
-from jaxlin.training.checkpoint import Checkpointer
+from jaxlin.training import restore
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -68,25 +65,7 @@ def from_checkpoint(config: ml_collections.ConfigDict, *, prompt: str | None = N
                     step: int | None = None, seed: int | None = None) -> tuple[int, list[str]]:
   """(step, samples) from the newest checkpoint (or `step`) of `config.workdir`; sampled
   with `seed` (None: config.seed)."""
-  checkpointer = Checkpointer(config.workdir, max_to_keep=config.checkpoint.max_to_keep)
-  steps_saved = checkpointer.all_steps()
-  if not steps_saved:
-    raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}: train first "
-                            f"(python run.py --config ... --config.workdir={config.workdir})")
-  step = steps_saved[-1] if step is None else step
-  if step not in steps_saved:
-    raise ValueError(f"--step={step}: no such checkpoint in {checkpointer.directory}; "
-                     f"saved steps: {steps_saved}")
-  if config.data.source == "mqar":
-    raise ValueError("data.source='mqar': MQAR runs have no text to sample; "
-                     "their eval accuracy is in metrics.jsonl")
-  tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
-  model_config = pretrained.run_model_config(config, tokenizer.vocab_size)
-  graphdef, abstract_params = steps.abstract_params(model_config)
-  checkpointer.check_compatible(step, abstract_params=abstract_params,
-                                model_fields=dataclasses.asdict(model_config))
-  params = checkpointer.restore(step, abstract_params=abstract_params)["params"]
-  checkpointer.close()
-  model = nnx.merge(graphdef, params)
+  run = restore.trained(config, step)
+  model = nnx.merge(run.graphdef, run.params)
   seed = config.seed if seed is None else seed
-  return step, sample_text(model, tokenizer, config.sample, seed=seed, prompt=prompt)
+  return run.step, sample_text(model, run.tokenizer, config.sample, seed=seed, prompt=prompt)

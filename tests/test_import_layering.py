@@ -26,6 +26,7 @@ PACKAGES = ("jaxlin", "pallas_kernels")
 LAYERS = {
     "pallas_kernels": 0,
     "jaxlin.validation": 0,
+    "jaxlin.parallel": 1,
     "jaxlin.xla_cpu_workaround": 0,
     "jaxlin.ops": 1,
     "jaxlin.layers": 2,

@@ -42,11 +42,14 @@ class TrainState(NamedTuple):
   opt_state: Any       # optax state
 
 
-def init_params(model_config: Any, seed: int) -> tuple[nnx.GraphDef, Any]:
-  """(graphdef, parameters as a pure dict) of LanguageModel(model_config), initialised in jit."""
+def init_params(model_config: Any, seed: int, shardings: Any | None = None
+                ) -> tuple[nnx.GraphDef, Any]:
+  """(graphdef, parameters as a pure dict) of LanguageModel(model_config), initialised in jit;
+  with `shardings` (a tree of them) each leaf is created already sharded (no full copy)."""
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: LanguageModel(model_config, rngs=nnx.Rngs(0))))
   params = jax.jit(lambda: nnx.to_pure_dict(
-      nnx.state(LanguageModel(model_config, rngs=nnx.Rngs(seed)), nnx.Param)))()
+      nnx.state(LanguageModel(model_config, rngs=nnx.Rngs(seed)), nnx.Param)),
+      out_shardings=shardings)()
   return graphdef, params
 
 

@@ -36,12 +36,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from jaxlin import data as data_lib
 from jaxlin import validation
 from jaxlin.training import metrics as metrics_lib
-from jaxlin.training import optim, plot, pretrained, sample, steps
+from jaxlin.training import optim, placement, plot, pretrained, sample, steps
 from jaxlin.training.checkpoint import Checkpointer
 
 log = logging.getLogger("jaxlin")
@@ -229,16 +229,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   num_steps = config.train.num_steps
   tx, schedule = optim.make_optimizer(config.optimizer, num_steps)
 
-  mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  replicated = NamedSharding(mesh, PartitionSpec())
-  batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-  params = pretrained.initial_params(model_config, config)   # None: from scratch
-  if params is None:
-    graphdef, params = steps.init_params(model_config, config.seed)
-  else:
-    graphdef = steps.abstract_params(model_config)[0]
-  params = jax.device_put(params, replicated)
-  opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
+  place = placement.make_placement(config.get("mesh"), model_config, tx,
+                                   batch_size=config.data.batch_size,
+                                   accumulation_steps=config.train.accumulation_steps)
+  graphdef = steps.abstract_params(model_config)[0]
+  state = placement.init_state(place, model_config, tx, config.seed,
+                               params=pretrained.initial_params(model_config, config))
+  params, opt_state = state.params, state.opt_state
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           (params, opt_state))
   with contextlib.ExitStack() as resources:  # closed on any exit, errors included
@@ -262,19 +259,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       _write_json(os.path.join(workdir, "config.json"), meta)
     state = steps.TrainState(jnp.asarray(start, jnp.int32), params, opt_state)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    log.info("model: %s parameters, %d layers %s; %d devices; steps %d -> %d",
+    log.info("model: %s parameters, %d layers %s; %d devices (%s); steps %d -> %d",
              f"{n_params:,}", model_config.num_layers, "".join(model_config.layer_types),
-             jax.device_count(), start, num_steps)
+             jax.device_count(), place.describe(), start, num_steps)
 
-    train_step = jax.jit(
-        steps.make_train_step(graphdef, tx, schedule, config.train.accumulation_steps,
-                             optim.trainable_mask(config.optimizer)),
-        in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
-        donate_argnums=(0,))
-    eval_step = jax.jit(steps.make_eval_step(graphdef), in_shardings=(replicated, batch_sharding),
-                        out_shardings=replicated)
+    train_step = placement.jit_train_step(place, graphdef, tx, schedule,
+                                          config.train.accumulation_steps,
+                                          optim.trainable_mask(config.optimizer))
+    eval_step = placement.jit_eval_step(place, graphdef)
     eval_batches = list(_device_batches(iter(dataset.validation_batches(config.eval.num_batches)),
-                                      batch_sharding))
+                                      place.batch))
 
     def evaluate(step: int) -> dict[str, float]:
       sums = [jax.device_get(eval_step(state.params, batch)) for batch in eval_batches]
@@ -329,7 +323,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                           data_iterator=iterator, meta=meta)
         last_checkpoint = step
 
-      batches = _device_batches(iterator, batch_sharding)
+      batches = _device_batches(iterator, place.batch)
       step = start
       while step < num_steps:
         state, device_metrics = train_step(state, next(batches))

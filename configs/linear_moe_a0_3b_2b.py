@@ -13,10 +13,11 @@ downloaded); the tokenizer must have <= 151,936 tokens (Qwen2's has 151,646 + sp
 The global batch (512 x 2048 = 1M tokens) and the step count (20k, ~21B tokens)
 are this config's choices, not the paper's.
 
-What to expect: meant for TPU pods / multi-GPU hosts. Until the parallelism
-issue lands (FSDP, expert parallel, LASP-2), parameters and optimizer state are
-replicated on every device (~40 GB per device in float32 with Adam), and
-data parallelism is the only axis; on a single CPU it will not fit.
+What to expect: meant for TPU pods / multi-GPU hosts. The mesh is FSDP over
+every device (parameters and Adam state sharded), the batch split over them, 8
+micro-batches per step; `python benchmarks/scale.py` compiles this step for 8
+and 64 devices and prints the bytes per device (README: Scale). Expert and
+sequence parallelism are not built yet; on a single CPU it will not fit.
 """
 
 import ml_collections
@@ -40,6 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Model
   config.model = ModelConfig.config_dict(preset="A0.3B-2B", linear_variant="gla", remat=True)
 
+  # Mesh: FSDP over every device (parameters + Adam state sharded); see benchmarks/scale.py
+  config.mesh.data = 1
+  config.mesh.fsdp = -1                    # all devices
+
   # Optimizer
   config.optimizer.learning_rate = 1e-4
   config.optimizer.end_learning_rate = 1e-5
@@ -49,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.weight_decay = 0.1
   config.optimizer.grad_clip = 1.0
   config.train.num_steps = 20_000
+  config.train.accumulation_steps = 8      # micro-batches of 64 x 2048 (global)
 
   # Checkpointing / Eval / Logging
   config.checkpoint.every_steps = 1000

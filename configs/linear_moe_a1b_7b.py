@@ -14,10 +14,10 @@ downloaded); the tokenizer must have <= 151,936 tokens (Qwen2's has 151,646 + sp
 The global batch (512 x 2048 = 1M tokens) and the step count (20k, ~21B tokens)
 are this config's choices, not the paper's.
 
-What to expect: meant for TPU pods / multi-GPU hosts. Until the parallelism
-issue lands (FSDP, expert parallel, LASP-2), parameters and optimizer state are
-replicated on every device (~120 GB per device in float32 with Adam), and
-data parallelism is the only axis; on a single CPU it will not fit.
+What to expect: meant for TPU pods / multi-GPU hosts. As A0.3B-2B: FSDP over
+every device, 8 micro-batches per step; `python benchmarks/scale.py` gives the
+bytes per device at 8 and 64 devices (README: Scale). Expert and sequence
+parallelism are not built yet; on a single CPU it will not fit.
 """
 
 import ml_collections

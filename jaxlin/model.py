@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlin import parallel
 from jaxlin.config import ModelConfig
 from jaxlin.layers.attention import SoftmaxAttention
 from jaxlin.layers.base import Aux, Cache, ParamCounts
@@ -172,6 +173,22 @@ class LanguageModel(nnx.Module):
   def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                cache: Cache | None = None) -> tuple[jax.Array, Cache | None, Aux]:
     """tokens [B, T] int -> (logits [B, T, V] float32, new cache or None, aux)."""
+    h, new_cache, aux = self.features(tokens, segment_ids=segment_ids, cache=cache)
+    return self.logits(h, self.head_matrix()), new_cache, aux
+
+  def head_matrix(self) -> jax.Array:
+    """The output projection [D, V] in the compute dtype (E^T when tied)."""
+    return (self.embedding[...].T if self.head is None else self.head[...]).astype(self.dtype)
+
+  @staticmethod
+  def logits(h: jax.Array, head: jax.Array) -> jax.Array:
+    """logits = h head, float32 [..., V] (a static method: a loss can call it per chunk)."""
+    logits = jnp.matmul(h.astype(head.dtype), head, preferred_element_type=f32)
+    return parallel.constrain(logits, *("batch", "length", "vocab")[-logits.ndim:])
+
+  def features(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+               cache: Cache | None = None) -> tuple[jax.Array, Cache | None, Aux]:
+    """tokens [B, T] int -> (final-normed hidden states [B, T, D], new cache or None, aux)."""
     if tokens.ndim != 2:
       raise ValueError(f"tokens: got shape {tuple(tokens.shape)}; expected [B, T]")
     if cache is not None and segment_ids is not None:
@@ -180,6 +197,7 @@ class LanguageModel(nnx.Module):
       raise ValueError(f"cache has keys {sorted(cache)}; expected layer_0..layer_"
                        f"{len(self.blocks) - 1} (from LanguageModel.init_cache)")
     h = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)  # [B, T, D]
+    h = parallel.constrain(h, "batch", "length", None)   # no-op without a mesh context
     per_block: list[Aux] = []
     new_cache: Cache | None = None if cache is None else {}
     for i, block in enumerate(self.blocks):
@@ -189,11 +207,9 @@ class LanguageModel(nnx.Module):
         h, aux = _block_forward_remat(block, h, segment_ids)
       else:
         h, aux = _block_forward(block, h, segment_ids)
+      h = parallel.constrain(h, "batch", "length", None)
       per_block.append(aux)
-    h = self.final_norm(h)
-    head = (self.embedding[...].T if self.head is None else self.head[...]).astype(self.dtype)
-    logits = jnp.matmul(h.astype(self.dtype), head, preferred_element_type=f32)
-    return logits.astype(f32), new_cache, _gather_aux(per_block)
+    return self.final_norm(h), new_cache, _gather_aux(per_block)
 
 
 # --------------------------------------------------------------- parameter counts

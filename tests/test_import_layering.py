@@ -1,6 +1,7 @@
 """Imports point one way (docs/design.md §1): no circle, and no import up the layers.
 
-    pallas_kernels <- jaxlin.ops <- jaxlin.layers <- jaxlin.{config, model, generate, data, interop}
+    pallas_kernels, jaxlin.parallel <- jaxlin.ops <- jaxlin.layers
+                   <- jaxlin.{config, model, generate, data, interop}
                    <- jaxlin.training
 
 The graph is read from the source (every import statement, function-level ones included).
@@ -26,7 +27,7 @@ PACKAGES = ("jaxlin", "pallas_kernels")
 LAYERS = {
     "pallas_kernels": 0,
     "jaxlin.validation": 0,
-    "jaxlin.parallel": 1,
+    "jaxlin.parallel": 0,
     "jaxlin.xla_cpu_workaround": 0,
     "jaxlin.ops": 1,
     "jaxlin.layers": 2,

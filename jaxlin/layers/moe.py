@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlin import validation
+from jaxlin import parallel, validation
 from jaxlin.layers.base import Aux, ParamCounts
 from jaxlin.layers.mlp import SwiGLU, swiglu_param_count
 from jaxlin.layers.routing import (SCORINGS, Routing, load_balance_loss, route,
@@ -162,7 +162,8 @@ def _experts_dropless(x: jax.Array, routing: Routing, w_gate: jax.Array,
 def _experts_capacity(x: jax.Array, routing: Routing, w_gate: jax.Array,
                       w_up: jax.Array, w_down: jax.Array, dtype: jnp.dtype,
                       capacity: int) -> tuple[jax.Array, jax.Array]:
-  """Capacity-limited experts for x [N, D]; returns (float32 [N, D], dropped fraction).
+  """Capacity-limited experts for x [N, D]; returns (float32 [N, D], the fraction of each
+  token's k assignments kept [N]).
 
   Assignment (n, j) gets slot e*C + r, r = its rank among expert e's assignments
   in token order; r >= C is dropped and reads the zero row at slot E*C.
@@ -189,7 +190,7 @@ def _experts_capacity(x: jax.Array, routing: Routing, w_gate: jax.Array,
   out = mm("ecf,efd->ecd", h, w_down).reshape(dummy, d)                 # [E*C, D]
   out = jnp.concatenate([out, jnp.zeros((1, d), f32)])[slot]            # [A, D]
   y = jnp.einsum("nkd,nk->nd", out.reshape(n, k, d), routing.weights)
-  return y, 1.0 - jnp.mean(kept.astype(f32))
+  return y, jnp.mean(kept.astype(f32).reshape(n, k), axis=1)
 
 
 # ------------------------------------------------------------------------------- module
@@ -271,12 +272,16 @@ class MoE(nnx.Module):
     routing = self.route(flat)
     weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
     aux: Aux = {}
+    # each batch shard sorts its own tokens by expert (on a mesh: jaxlin.parallel); the
+    # capacity path's C is then per shard, C = ceil(factor * (N / shards) * k / E)
     if self.dispatch == "dropless":
-      y = _experts_dropless(flat, routing, *weights, self.dtype)
+      y = parallel.map_over_batch(
+          lambda f, r, *w: _experts_dropless(f, r, *w, self.dtype), (flat, routing), weights)
     else:
-      y, dropped = _experts_capacity(flat, routing, *weights, self.dtype,
-                                     self.capacity(flat.shape[0]))
-      aux["moe_dropped_fraction"] = dropped
+      y, kept = parallel.map_over_batch(
+          lambda f, r, *w: _experts_capacity(f, r, *w, self.dtype, self.capacity(f.shape[0])),
+          (flat, routing), weights)
+      aux["moe_dropped_fraction"] = 1.0 - jnp.mean(kept)
     if self.shared is not None:
       shared_y, _ = self.shared(flat)
       shared_y = shared_y.astype(f32)

@@ -23,9 +23,10 @@ and the sizes that would divide.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import optax
@@ -145,3 +146,54 @@ def batch_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...]] | None = Non
   """[B, T] batch arrays: B over the batch axes, T over the sequence axis."""
   rules = RULES if rules is None else rules
   return NamedSharding(mesh, PartitionSpec(rules["batch"], rules["length"] or None))
+
+
+# ---------------------------------------------------------------- activations inside a step
+_ACTIVE: list[tuple[Mesh, Mapping[str, tuple[str, ...]]]] = []
+
+
+@contextlib.contextmanager
+def activations_on(mesh: Mesh, rules: Mapping[str, tuple[str, ...]] | None = None
+                   ) -> Iterator[None]:
+  """While tracing inside this context, `constrain` and `map_over_batch` use `mesh`; outside
+  it they do nothing (one device, tests, decoding)."""
+  _ACTIVE.append((mesh, RULES if rules is None else rules))
+  try:
+    yield
+  finally:
+    _ACTIVE.pop()
+
+
+def _mesh_axes(mesh: Mesh, rules: Mapping[str, tuple[str, ...]], logical: str | None,
+               dim: int) -> tuple[str, ...]:
+  axes = tuple(a for a in rules.get(logical, ()) if mesh.shape[a] > 1) if logical else ()
+  return axes if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+
+def constrain(x: jax.Array, *logical: str | None) -> jax.Array:
+  """x with its dimensions placed as the logical names say (one name or None per dimension):
+  activations stay sharded over the batch, so FSDP gathers weights rather than activations.
+  A dimension that does not divide is left unconstrained."""
+  if not _ACTIVE:
+    return x
+  mesh, rules = _ACTIVE[-1]
+  spec = [(_mesh_axes(mesh, rules, name, dim) or None) for name, dim in zip(logical, x.shape)]
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
+def map_over_batch(fn: Callable[..., Any], sharded: tuple[Any, ...],
+                   whole: tuple[Any, ...]) -> Any:
+  """fn(*sharded, *whole) run on each batch shard: `sharded` (trees of arrays, leading dim
+  the flattened tokens) split over the batch axes, `whole` gathered on every device (FSDP
+  all-gathers the weights); every output's leading dim is split as the inputs'. Data-dependent
+  token shuffles (a MoE's sort by expert) stay on their device instead of going global."""
+  if not _ACTIVE:
+    return fn(*sharded, *whole)
+  mesh, rules = _ACTIVE[-1]
+  n = jax.tree.leaves(sharded)[0].shape[0]
+  axes = _mesh_axes(mesh, rules, "batch", n)
+  if not axes:
+    return fn(*sharded, *whole)
+  rows = PartitionSpec(axes)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(rows,) * len(sharded) + (PartitionSpec(),)
+                       * len(whole), out_specs=rows, check_vma=False)(*sharded, *whole)

@@ -94,12 +94,22 @@ def jit_train_step(placement: Placement, graphdef: Any, tx: optax.GradientTransf
                    schedule: optax.Schedule, accumulation_steps: int = 1,
                    trainable: Callable[[Any], Any] | None = None) -> Callable:
   """steps.make_train_step jitted with the state kept in its shardings (donated)."""
-  return jax.jit(steps.make_train_step(graphdef, tx, schedule, accumulation_steps, trainable),
+  return jax.jit(_on_mesh(placement, steps.make_train_step(graphdef, tx, schedule,
+                                                           accumulation_steps, trainable)),
                  in_shardings=(placement.state, placement.batch),
                  out_shardings=(placement.state, placement.replicated), donate_argnums=(0,))
 
 
+def _on_mesh(placement: Placement, fn: Callable) -> Callable:
+  """fn traced with the model's activation constraints on the placement's mesh."""
+  def wrapped(*args: Any) -> Any:
+    with parallel.activations_on(placement.mesh, placement.rules):
+      return fn(*args)
+  return wrapped
+
+
 def jit_eval_step(placement: Placement, graphdef: Any) -> Callable:
   """steps.make_eval_step jitted on the placement (sums replicated)."""
-  return jax.jit(steps.make_eval_step(graphdef), in_shardings=(placement.params, placement.batch),
+  return jax.jit(_on_mesh(placement, steps.make_eval_step(graphdef)),
+                 in_shardings=(placement.params, placement.batch),
                  out_shardings=placement.replicated)

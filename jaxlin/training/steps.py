@@ -68,6 +68,9 @@ def abstract_params(model_config: Any, sharding: jax.sharding.Sharding | None = 
                                 nnx.to_pure_dict(state))
 
 
+LOSS_CHUNK = 512   # positions per chunk of the loss (chunked_cross_entropy)
+
+
 def weighted_cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
                            weights_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(sum_i w_i ce_i, sum_i w_i [argmax logits_i == target_i]), both float32 scalars."""
@@ -76,12 +79,40 @@ def weighted_cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
   return jnp.sum(ce * weights_BT), jnp.sum(correct * weights_BT)
 
 
+def chunked_cross_entropy(h_BTD: jax.Array, head_DV: jax.Array, targets_BT: jax.Array,
+                          weights_BT: jax.Array, chunk: int = LOSS_CHUNK
+                          ) -> tuple[jax.Array, jax.Array]:
+  """`weighted_cross_entropy` of logits = h head, computed `chunk` positions at a time under
+  remat: only one chunk's [B, chunk, V] logits live, forward and backward (a 152k vocabulary
+  at T = 2048 would otherwise hold several [B, T, V] float32 buffers). T not a multiple of
+  `chunk`: one chunk."""
+  B, T, D = h_BTD.shape
+  if T % chunk or T == chunk:
+    return weighted_cross_entropy(LanguageModel.logits(h_BTD, head_DV), targets_BT, weights_BT)
+  n = T // chunk
+  split = lambda x: x.reshape(B, n, chunk, *x.shape[2:]).swapaxes(0, 1)   # [n, B, chunk, ...]
+
+  @jax.checkpoint
+  def terms(h: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return weighted_cross_entropy(LanguageModel.logits(h, head_DV), targets, weights)
+
+  def body(carry: tuple[jax.Array, jax.Array], xs: tuple) -> tuple[tuple, None]:
+    ce, correct = terms(*xs)
+    return (carry[0] + ce, carry[1] + correct), None
+
+  zero = jnp.zeros((), f32)
+  (ce_sum, correct), _ = jax.lax.scan(body, (zero, zero),
+                                      (split(h_BTD), split(targets_BT), split(weights_BT)))
+  return ce_sum, correct
+
+
 def forward(graphdef: nnx.GraphDef, params: Any,
             batch: Batch) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
   """(weighted ce sum, weighted correct count, aux dict) of the model on one batch."""
   model = nnx.merge(graphdef, params)
-  logits, _, aux = model(batch["inputs"], segment_ids=batch["segment_ids"])
-  ce_sum, correct = weighted_cross_entropy(logits, batch["targets"], batch["weights"])
+  h, _, aux = model.features(batch["inputs"], segment_ids=batch["segment_ids"])
+  ce_sum, correct = chunked_cross_entropy(h, model.head_matrix(), batch["targets"],
+                                          batch["weights"])
   return ce_sum, correct, aux
 
 
@@ -120,8 +151,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     if A == 1:
       terms = micro_terms(batch)
-    else:  # sum the A micro-batches' terms in a scan (one micro-batch's activations live)
-      micro_batches = jax.tree.map(lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:]), batch)
+    else:  # sum the A micro-batches' terms in a scan (one micro-batch's activations live);
+      # micro-batch a is rows a, a + A, a + 2A, ...: a batch sharded over devices in contiguous
+      # blocks keeps every micro-batch spread over all of them
+      micro_batches = jax.tree.map(
+          lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), batch)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
           micro_terms, jax.tree.map(lambda x: x[0], micro_batches)))
       terms, _ = jax.lax.scan(lambda carry, micro: (jax.tree.map(

@@ -117,7 +117,8 @@ def run(argv: list[str]) -> int:
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
   import jax  # after flag parsing, so --help is fast
 
-  from jaxlin.training import export, sample, train
+  from jaxlin.training import distributed, export, sample, train
+  distributed.initialize(config)   # before anything touches a device
 
   log = logging.getLogger("jaxlin")
   log.info("jax %s, process %d of %d, devices: %s", jax.__version__, jax.process_index(),

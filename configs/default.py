@@ -23,7 +23,7 @@ command resumes from the newest checkpoint; then sample with
 import ml_collections
 
 from jaxlin import data, parallel
-from jaxlin.training import optim, sample
+from jaxlin.training import distributed, optim, sample
 from jaxlin.config import ModelConfig
 
 
@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
       tie_embeddings=True)
 
   # Mesh
+  config.distributed = distributed.default_config()  # multi-process: jaxlin/training/distributed.py
   config.mesh = parallel.mesh.default_config()   # data / fsdp / expert / tensor sizes, rules:
   #                                                jaxlin/parallel (default: data-parallel)
 

@@ -27,6 +27,7 @@ import grain
 import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxlin import validation
 from jaxlin.training import tree_paths
@@ -101,15 +102,20 @@ class Checkpointer:
     """Moves the checkpoints of `steps` to `<workdir>/checkpoints_set_aside/<step>` (nothing
     is deleted; a name taken gets a suffix); returns the new paths."""
     moved = []
-    os.makedirs(self.set_aside_directory, exist_ok=True)
     for step in steps:
       target = os.path.join(self.set_aside_directory, str(step))
       suffix = 1
       while os.path.exists(target):
         target = os.path.join(self.set_aside_directory, f"{step}.{suffix}")
         suffix += 1
-      shutil.move(os.path.join(self.directory, str(step)), target)
       moved.append(target)
+    # every process has listed the steps; process 0 alone moves them; all reload after
+    multihost_utils.sync_global_devices("jaxlin: checkpoints listed before set_aside")
+    if jax.process_index() == 0:
+      os.makedirs(self.set_aside_directory, exist_ok=True)
+      for step, target in zip(steps, moved):
+        shutil.move(os.path.join(self.directory, str(step)), target)
+    multihost_utils.sync_global_devices("jaxlin: checkpoints set aside")
     self._manager.reload()
     return moved
 

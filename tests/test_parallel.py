@@ -140,3 +140,31 @@ def test_meshes_equal_one_device_and_restore_across_meshes(tmp_path) -> None:
   assert "mesh.fsdp=8: got 8; expected a divisor of the embed dimension 36" in errors["fsdp_dim"]
   assert errors["batch"].startswith("data.batch_size: got 12; expected a multiple of")
   assert errors["product"].startswith("mesh: got 'data=3'")
+
+
+@pytest.mark.parametrize("trainable", ["all", "lora"])
+def test_optimizer_state_follows_its_parameters(trainable: str) -> None:
+  """Adam's mu and nu of each parameter are placed as the parameter, through the LoRA
+  optimizer's masked state too; the step count is replicated."""
+  from jaxlin.training import optim
+  config = ModelConfig(vocab_size=96, d_model=D, num_layers=1, num_heads=4, head_dim=16,
+                       pattern="L", mixer="liger", lora_rank=4, qkv_bias=True)
+  opt = optim.default_config()
+  opt.update(trainable=trainable, warmup_steps=0)
+  tx, _ = optim.make_optimizer(opt, 10)
+  mesh = _mesh(fsdp=2, tensor=2)
+  abstract = steps.abstract_params(config)[1]
+  shardings = parallel.param_shardings(abstract, mesh)
+  state = parallel.opt_state_shardings(tx, abstract, shardings, mesh)
+  specs = {parallel.sharding.path_name(p): s.spec
+           for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+  placed = 0
+  for path, sharding in jax.tree_util.tree_leaves_with_path(state):
+    name = next((n for n in specs if parallel.sharding.path_name(path).endswith("/" + n)), None)
+    if name is not None:
+      assert sharding.spec == specs[name], (name, sharding.spec)
+      placed += 1
+    else:
+      assert sharding.spec == PartitionSpec(), (path, sharding.spec)
+  trained = len(specs) if trainable == "all" else sum("lora_" in n for n in specs)
+  assert placed == 2 * trained       # mu and nu

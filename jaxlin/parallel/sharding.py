@@ -132,13 +132,23 @@ def param_shardings(abstract_params: Any, mesh: Mesh,
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any,
                         shardings: Any, mesh: Mesh) -> Any:
-  """The optimizer state's shardings: each per-parameter leaf as its parameter, the rest
-  (step counts) replicated."""
-  abstract_state = jax.eval_shape(tx.init, abstract_params)
+  """The optimizer state's shardings: a leaf under a parameter's path (Adam's mu / nu mirror
+  the parameter tree) with that parameter's shape is placed as the parameter; the rest (step
+  counts) replicated. Works through masked states (multi_transform's MaskedNode)."""
+  by_name = {path_name(path): (leaf.shape, sharding) for (path, leaf), sharding in zip(
+      jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(shardings))}
   replicated = NamedSharding(mesh, PartitionSpec())
-  return optax.tree_map_params(
-      tx, lambda _, sharding: sharding, abstract_state, shardings,
-      transform_non_params=lambda _: replicated)
+
+  def place(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+    keys = tuple(k for k in path
+                 if isinstance(k, (jax.tree_util.DictKey, jax.tree_util.SequenceKey)))
+    for start in range(len(keys)):   # the parameter path is the end of the state's path
+      shape, sharding = by_name.get(path_name(keys[start:]), (None, None))
+      if shape is not None:
+        return sharding if shape == leaf.shape else replicated
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(place, jax.eval_shape(tx.init, abstract_params))
 
 
 def batch_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...]] | None = None

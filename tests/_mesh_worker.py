@@ -110,6 +110,27 @@ def main(out_dir: str) -> None:
             "opt_state_fully_replicated_matrices": sum(
                 x.sharding.is_fully_replicated for x in opt_leaves)}
 
+  # expert parallel, worst case: every token routed to experts 0 and 1 (both on device 0 of
+  # the expert axis); nothing may drop, the output equals one device's
+  from flax import nnx
+  from jaxlin.layers.moe import MoE
+  moe = MoE(32, num_experts=8, top_k=2, expert_hidden_dim=16, rngs=nnx.Rngs(0))
+  moe.router[...] = moe.router[...].at[:, :2].add(10.0)
+  x = jax.random.normal(jax.random.key(1), (8, 16, 32))
+  one_device = moe(x)[0]
+  mesh = parallel.make_mesh(mesh_config(data=2, expert=4), devices)
+  graphdef, weights = nnx.split(moe)
+
+  @jax.jit
+  def on_mesh(weights, x):
+    with parallel.activations_on(mesh):
+      return nnx.merge(graphdef, weights)(x)[0]
+
+  x_sharded = jax.device_put(x, parallel.batch_sharding(mesh))
+  compiled = on_mesh.lower(weights, x_sharded).compile().as_text()
+  result["skewed_experts"] = {"max_diff": max_diff(one_device, on_mesh(weights, x_sharded)),
+                              "all_to_all": "all-to-all" in compiled}
+
   # a checkpoint saved on fsdp 8 restores onto data 2 x fsdp 2 (4 devices) with equal values
   state8, model_config = saved
   iterator = iter(grain.MapDataset.range(4).to_iter_dataset())

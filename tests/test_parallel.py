@@ -128,6 +128,11 @@ def test_meshes_equal_one_device_and_restore_across_meshes(tmp_path) -> None:
     for metric, (one, sharded) in step["aux"].items():   # aux losses over the global batch
       assert abs(one - sharded) < 1e-6, (name, metric, one, sharded)
     assert "all-gather" in step["collectives"] or "all-reduce" in step["collectives"], name
+  # expert parallel: the MoE tokens travel to their experts' devices by all_to_all, and with
+  # every token on one device's experts (the worst case) nothing drops
+  assert "all-to-all" in result["steps"]["hybrid_moe/data2_expert4"]["collectives"]
+  assert result["skewed_experts"]["all_to_all"]
+  assert result["skewed_experts"]["max_diff"] < 1e-5
   for model, report in result["placement"].items():
     for leaf in report["params"]:
       assert leaf["spec"] == leaf["want"], (model, leaf)

@@ -159,6 +159,41 @@ def _experts_dropless(x: jax.Array, routing: Routing, w_gate: jax.Array,
   return jnp.einsum("nkd,nk->nd", out, routing.weights)
 
 
+def _experts_all_to_all(x: jax.Array, routing: Routing, w_gate: jax.Array, w_up: jax.Array,
+                        w_down: jax.Array, dtype: jnp.dtype, axes: tuple[str, ...],
+                        num_experts: int) -> jax.Array:
+  """Expert-parallel dropless experts inside shard_map: this device holds experts
+  [s E_l, (s + 1) E_l) of E (E_l = E / P over the P devices of `axes`) and tokens x [n, D].
+
+  Each of the A = n k assignments is sent to the device of its expert with one all_to_all
+  (buffers [P, A, D]: the worst case, every assignment to one device, so nothing drops), the
+  received rows run through the local experts (grouped matmul; empty rows go to a zero
+  expert), and a second all_to_all brings the outputs back. float32 [n, D]."""
+  n, k = routing.experts.shape
+  local = w_gate.shape[0]                                              # E_l experts here
+  shards = num_experts // local
+  a = n * k
+  order, _, _ = _sort_by_expert(routing.experts, num_experts)       # by expert = by device
+  expert_sorted = routing.experts.reshape(-1)[order]                   # [A]
+  device = expert_sorted // local                                      # [A] destination
+  counts = jnp.bincount(device, length=shards)
+  row = jnp.arange(a) - (jnp.cumsum(counts) - counts)[device]          # position in its buffer
+  send = jnp.zeros((shards, a, x.shape[-1]), dtype).at[device, row].set(
+      x.astype(dtype)[order // k])
+  send_expert = jnp.full((shards, a), local, jnp.int32).at[device, row].set(
+      expert_sorted % local)                                           # local id; `local` = empty
+  recv = jax.lax.all_to_all(send, axes, 0, 0)                          # [P, A, D] from each peer
+  recv_expert = jax.lax.all_to_all(send_expert, axes, 0, 0).reshape(-1)
+  zero = lambda w: jnp.concatenate([w, jnp.zeros((1, *w.shape[1:]), w.dtype)])
+  h = _experts_dropless(recv.reshape(-1, x.shape[-1]),
+                        Routing(None, None, jnp.ones((shards * a, 1), f32), recv_expert[:, None]),
+                        zero(w_gate), zero(w_up), zero(w_down), dtype)  # [P A, D]
+  back = jax.lax.all_to_all(h.reshape(shards, a, -1), axes, 0, 0)      # [P, A, D] to senders
+  out_sorted = back[device, row]                                       # [A, D]
+  out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(n, k, -1)
+  return jnp.einsum("nkd,nk->nd", out, routing.weights)
+
+
 def _experts_capacity(x: jax.Array, routing: Routing, w_gate: jax.Array,
                       w_up: jax.Array, w_down: jax.Array, dtype: jnp.dtype,
                       capacity: int) -> tuple[jax.Array, jax.Array]:
@@ -274,7 +309,13 @@ class MoE(nnx.Module):
     aux: Aux = {}
     # each batch shard sorts its own tokens by expert (on a mesh: jaxlin.parallel); the
     # capacity path's C is then per shard, C = ceil(factor * (N / shards) * k / E)
-    if self.dispatch == "dropless":
+    expert_axes = parallel.mesh_axes("expert")
+    if self.dispatch == "dropless" and expert_axes:   # experts split over devices: all_to_all
+      y = parallel.map_over_batch(
+          lambda f, r, *w: _experts_all_to_all(f, r, *w, self.dtype, expert_axes,
+                                               self.num_experts),
+          (flat, routing), weights, whole_logical=("expert",) * 3)
+    elif self.dispatch == "dropless":
       y = parallel.map_over_batch(
           lambda f, r, *w: _experts_dropless(f, r, *w, self.dtype), (flat, routing), weights)
     else:

@@ -191,11 +191,28 @@ def constrain(x: jax.Array, *logical: str | None) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
 
+def axis_size(logical: str) -> int:
+  """Devices the active mesh splits the logical axis over (1 without a mesh context)."""
+  if not _ACTIVE:
+    return 1
+  mesh, rules = _ACTIVE[-1]
+  return math.prod(mesh.shape[a] for a in rules.get(logical, ()))
+
+
+def mesh_axes(logical: str) -> tuple[str, ...]:
+  """The active mesh's axes (of size > 1) the logical axis is split over; () without one."""
+  if not _ACTIVE:
+    return ()
+  mesh, rules = _ACTIVE[-1]
+  return tuple(a for a in rules.get(logical, ()) if mesh.shape[a] > 1)
+
+
 def map_over_batch(fn: Callable[..., Any], sharded: tuple[Any, ...],
-                   whole: tuple[Any, ...]) -> Any:
+                   whole: tuple[Any, ...], whole_logical: tuple[str | None, ...] = ()) -> Any:
   """fn(*sharded, *whole) run on each batch shard: `sharded` (trees of arrays, leading dim
   the flattened tokens) split over the batch axes, `whole` gathered on every device (FSDP
-  all-gathers the weights); every output's leading dim is split as the inputs'. Data-dependent
+  all-gathers the weights; `whole_logical` names a leading axis that stays split, e.g. the
+  experts); every output's leading dim is split as the inputs'. Data-dependent
   token shuffles (a MoE's sort by expert) stay on their device instead of going global."""
   if not _ACTIVE:
     return fn(*sharded, *whole)
@@ -205,5 +222,9 @@ def map_over_batch(fn: Callable[..., Any], sharded: tuple[Any, ...],
   if not axes:
     return fn(*sharded, *whole)
   rows = PartitionSpec(axes)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(rows,) * len(sharded) + (PartitionSpec(),)
-                       * len(whole), out_specs=rows, check_vma=False)(*sharded, *whole)
+  # whole_logical: a leading logical axis per `whole` input it stays split over (the experts)
+  leading = [_mesh_axes(mesh, rules, name, w.shape[0]) if name else ()
+             for name, w in zip(whole_logical or (None,) * len(whole), whole)]
+  specs = tuple(PartitionSpec(a or None) for a in leading)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(rows,) * len(sharded) + specs,
+                       out_specs=rows, check_vma=False)(*sharded, *whole)

@@ -16,8 +16,9 @@ are this config's choices, not the paper's.
 
 What to expect: meant for TPU pods / multi-GPU hosts. As A0.3B-2B: FSDP over
 every device, 8 micro-batches per step; `python benchmarks/scale.py` gives the
-bytes per device at 8 and 64 devices (README: Scale). Expert and sequence
-parallelism are not built yet; on a single CPU it will not fit.
+bytes per device at 8 and 64 devices (README: Scale). Expert parallelism:
+--config.mesh.expert=8; sequence parallelism is not built yet; on a single CPU
+it will not fit.
 """
 
 import ml_collections

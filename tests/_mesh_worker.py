@@ -16,7 +16,6 @@ import json  # noqa: E402
 
 import grain  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 

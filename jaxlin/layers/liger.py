@@ -41,11 +41,10 @@ Legend: B batch, T time, d d_model, H query heads, Hkv key/value heads, D head d
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from jaxlin import validation
 from jaxlin.layers.attention import SoftmaxAttention

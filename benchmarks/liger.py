@@ -20,7 +20,8 @@ lr 1e-3; only the adapters train):
 Perplexity is on held-out works of the embedded Shakespeare corpus (configs/liger.py's data:
 data.validation_fraction of the works, never trained on), tokenized with the checkpoint's
 tokenizer.json. Decoding: a `--context`-token prompt is prefilled, then `--decode-tokens` greedy
-tokens are decoded one at a time (each a jitted step; tok/s from their wall time); the cache
+tokens are decoded one at a time (each a jitted step; tok/s from their wall time) by each model
+as the run leaves it (fine-tuned ones with their adapters merged); the cache
 bytes are those of the decode cache (`model.init_cache`): the original's KV cache grows with
 the context, a Liger layer's state [H, D, D] and 64-token window ring buffer do not.
 
@@ -145,8 +146,7 @@ def finetune(model_config: ModelConfig, params: Any, config: ml_collections.Conf
 
 def cache_bytes(model_config: ModelConfig, context: int) -> int:
   """Bytes of the decode cache of one sequence of `context` tokens (shapes only)."""
-  graphdef = steps.abstract_params(model_config)[0]
-  params = steps.abstract_params(model_config)[1]
+  graphdef, params = steps.abstract_params(model_config)
 
   def make(params: Any) -> Any:
     return nnx.merge(graphdef, params).init_cache(1, context)
@@ -268,6 +268,7 @@ def main() -> None:
   log(f"{len(held_out)} held-out batches of {setup.batch_size} x {setup.seq_len} tokens")
 
   models: dict[str, dict[str, Any]] = {}
+  decoders: dict[str, tuple[ModelConfig, Any]] = {}
   for name in args.models:
     tuned = MODELS[name][1]
     model_config, params = load(setup, name, lora=tuned)
@@ -281,11 +282,13 @@ def main() -> None:
       log(f"{name}: perplexity {entry['after']['perplexity']:.2f} after {setup.steps} steps "
           f"({per_step:.1f} s/step)")
     models[name] = entry
+    if name in DECODE_MODELS:   # decoded below as it ends here, adapters merged (no reload)
+      decoders[name] = (model_config.replace(lora_rank=0),
+                        hf_io.merged_params(model_config, params))
 
   decode, cache_curves = {}, {}
   contexts = sorted({256, 1024, 4096, 16384, 65536, setup.context})
-  for name in [n for n in DECODE_MODELS if n in args.models]:
-    model_config, params = load(setup, name, lora=False)
+  for name, (model_config, params) in decoders.items():
     cache_curves[name] = {str(c): cache_bytes(model_config, c) for c in contexts}
     if setup.decode_tokens > 0:
       decode[name] = decode_speed(model_config, params, setup.context, setup.decode_tokens,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import re
 import sys
@@ -64,16 +65,10 @@ from jaxlin.config import ModelConfig, model_config_for  # noqa: E402
 from jaxlin.training import optim, placement, steps  # noqa: E402
 
 
-def shard_bytes(tree: object, shardings: object) -> int:
-  """Bytes of one device's shards of `tree` (ShapeDtypeStructs) placed as `shardings`."""
-  total = 0
-  for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
-    shape = sharding.shard_shape(leaf.shape)
-    size = 1
-    for d in shape:
-      size *= d
-    total += size * leaf.dtype.itemsize
-  return total
+def shard_bytes(tree: object) -> int:
+  """Bytes of one device's shards of `tree` (ShapeDtypeStructs carrying their shardings)."""
+  return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+             for leaf in jax.tree.leaves(tree))
 
 
 def collective_bytes(hlo: str, loop_trips: int) -> dict[str, dict[str, int]]:
@@ -87,12 +82,10 @@ def collective_bytes(hlo: str, loop_trips: int) -> dict[str, dict[str, int]]:
     for kind in COLLECTIVES:
       if f" {kind}(" in line or f" {kind}-start(" in line:
         lhs = line.split("=", 1)[1] if "=" in line else line
-        nbytes = 0
-        for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", lhs.split(kind)[0]):
-          size = 1
-          for d in filter(None, dims.split(",")):
-            size *= int(d)
-          nbytes += size * DTYPE_BYTES.get(dtype, 4)
+        nbytes = sum(math.prod(int(d) for d in filter(None, dims.split(",")))
+                     * DTYPE_BYTES.get(dtype, 4)
+                     for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]",
+                                                   lhs.split(kind)[0]))
         out[kind]["static"] += nbytes
         out[kind]["per_step"] += nbytes * (loop_trips if in_loop else 1)
   return out
@@ -105,14 +98,8 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig, devices: 
   place = placement.make_placement(config.mesh, model_config, tx,
                                    batch_size=config.data.batch_size,
                                    accumulation_steps=accumulation, devices=devices)
-  graphdef, abstract = steps.abstract_params(model_config)
-  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract, place.params)
-  opt_abstract = jax.eval_shape(tx.init, abstract)
-  opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                           opt_abstract, place.opt_state)
-  state = steps.TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=place.replicated),
-                           params, opt_state)
+  graphdef = steps.abstract_params(model_config)[0]
+  state = placement.abstract_state(place, model_config, tx)
   B, T = config.data.batch_size, config.data.seq_len
   batch = {k: jax.ShapeDtypeStruct((B, T), dtype, sharding=place.batch) for k, dtype in (
       ("inputs", jnp.int32), ("targets", jnp.int32), ("segment_ids", jnp.int32),
@@ -127,8 +114,8 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig, devices: 
   return {
       "mesh": {k: int(v) for k, v in place.mesh.shape.items()},
       "batch": [B, T], "accumulation_steps": accumulation,
-      "params_bytes": shard_bytes(abstract, place.params),
-      "opt_state_bytes": shard_bytes(opt_abstract, place.opt_state),
+      "params_bytes": shard_bytes(state.params),
+      "opt_state_bytes": shard_bytes(state.opt_state),
       "arguments_bytes": arguments, "temporaries_bytes": temporaries,
       "outputs_not_aliased_bytes": outputs, "total_bytes": total,
       "fits": {name: total < budget for name, budget in BUDGETS.items()},

@@ -139,8 +139,7 @@ def main(out_dir: str) -> None:
   tx, _ = optimizer()
   place4 = placement.make_placement(mesh_config(data=2, fsdp=2), model_config, tx, batch_size=B,
                                     devices=devices[:4])
-  abstract = jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          place4.params, steps.abstract_params(model_config)[1])
+  abstract = placement.abstract_state(place4, model_config, tx).params
   with Checkpointer(out_dir, max_to_keep=1) as checkpointer:
     restored = checkpointer.restore(1, abstract_params=abstract)["params"]
   result["restore"] = {

@@ -33,7 +33,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlin import validation
-from jaxlin.parallel.mesh import AXES
+from jaxlin.parallel.mesh import AXES, BATCH_AXES
 
 Logical = tuple[str | None, ...]
 
@@ -43,7 +43,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),
     "vocab": ("tensor",),
     "expert": ("expert",),
-    "batch": ("data", "fsdp", "expert"),
+    "batch": BATCH_AXES,
     "length": ("sequence",),
 }
 
@@ -105,12 +105,18 @@ def parse_rules(overrides: str) -> dict[str, tuple[str, ...]]:
   return rules
 
 
+def _split_axes(mesh: Mesh, rules: Mapping[str, tuple[str, ...]], logical: str | None
+                ) -> tuple[str, ...]:
+  """The mesh axes (of size > 1) the rules split the logical axis over; () for None."""
+  return tuple(a for a in rules.get(logical, ()) if mesh.shape[a] > 1) if logical else ()
+
+
 def partition_spec(name: str, shape: tuple[int, ...], mesh: Mesh,
                    rules: Mapping[str, tuple[str, ...]]) -> PartitionSpec:
   """The PartitionSpec of one parameter; a dimension that does not divide stops with an error."""
   spec = []
   for dim, logical in zip(shape, logical_axes(name, len(shape))):
-    axes = tuple(a for a in rules.get(logical, ()) if mesh.shape[a] > 1) if logical else ()
+    axes = _split_axes(mesh, rules, logical)
     shards = math.prod(mesh.shape[a] for a in axes)
     if dim % shards:
       fields = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
@@ -176,7 +182,8 @@ def activations_on(mesh: Mesh, rules: Mapping[str, tuple[str, ...]] | None = Non
 
 def _mesh_axes(mesh: Mesh, rules: Mapping[str, tuple[str, ...]], logical: str | None,
                dim: int) -> tuple[str, ...]:
-  axes = tuple(a for a in rules.get(logical, ()) if mesh.shape[a] > 1) if logical else ()
+  """`_split_axes`, or () when they do not divide `dim` (an activation left unconstrained)."""
+  axes = _split_axes(mesh, rules, logical)
   return axes if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0 else ()
 
 
@@ -191,20 +198,11 @@ def constrain(x: jax.Array, *logical: str | None) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
 
-def axis_size(logical: str) -> int:
-  """Devices the active mesh splits the logical axis over (1 without a mesh context)."""
-  if not _ACTIVE:
-    return 1
-  mesh, rules = _ACTIVE[-1]
-  return math.prod(mesh.shape[a] for a in rules.get(logical, ()))
-
-
 def mesh_axes(logical: str) -> tuple[str, ...]:
   """The active mesh's axes (of size > 1) the logical axis is split over; () without one."""
   if not _ACTIVE:
     return ()
-  mesh, rules = _ACTIVE[-1]
-  return tuple(a for a in rules.get(logical, ()) if mesh.shape[a] > 1)
+  return _split_axes(*_ACTIVE[-1], logical)
 
 
 def map_over_batch(fn: Callable[..., Any], sharded: tuple[Any, ...],

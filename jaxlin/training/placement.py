@@ -77,8 +77,20 @@ def make_placement(mesh_config: ml_collections.ConfigDict | None, model_config: 
                    NamedSharding(mesh, PartitionSpec()))
 
 
+def abstract_state(placement: Placement, model_config: ModelConfig,
+                   tx: optax.GradientTransformation) -> steps.TrainState:
+  """The TrainState as ShapeDtypeStructs carrying their shardings: nothing allocated (a
+  restore target, or the input of a compile-only memory plan)."""
+  abstract = steps.abstract_params(model_config)[1]
+  place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  return steps.TrainState(
+      jax.ShapeDtypeStruct((), jnp.int32, sharding=placement.replicated),
+      jax.tree.map(place, abstract, placement.params),
+      jax.tree.map(place, jax.eval_shape(tx.init, abstract), placement.opt_state))
+
+
 def init_state(placement: Placement, model_config: ModelConfig, tx: optax.GradientTransformation,
-               seed: int, params: Any | None = None, step: int = 0) -> steps.TrainState:
+               seed: int, params: Any | None = None) -> steps.TrainState:
   """A TrainState created sharded: `params` given (e.g. a pretrained checkpoint) are placed,
   else initialised from `seed` directly into their shardings."""
   if params is None:
@@ -86,7 +98,7 @@ def init_state(placement: Placement, model_config: ModelConfig, tx: optax.Gradie
   else:
     params = jax.device_put(params, placement.params)
   opt_state = jax.jit(tx.init, out_shardings=placement.opt_state)(params)
-  return steps.TrainState(jax.device_put(jnp.asarray(step, jnp.int32), placement.replicated),
+  return steps.TrainState(jax.device_put(jnp.zeros((), jnp.int32), placement.replicated),
                           params, opt_state)
 
 

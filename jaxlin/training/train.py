@@ -233,11 +233,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                                    batch_size=config.data.batch_size,
                                    accumulation_steps=config.train.accumulation_steps)
   graphdef = steps.abstract_params(model_config)[0]
-  state = placement.init_state(place, model_config, tx, config.seed,
-                               params=pretrained.initial_params(model_config, config))
-  params, opt_state = state.params, state.opt_state
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          (params, opt_state))
+  abstract = placement.abstract_state(place, model_config, tx)
   with contextlib.ExitStack() as resources:  # closed on any exit, errors included
     iterator = dataset.train_iterator()
     if hasattr(iterator, "close"):  # grain's multiprocessing prefetch has worker processes
@@ -248,13 +244,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
             "model": dataclasses.asdict(model_config)}
 
     start = _resume_step(checkpointer, restore_step)
-    if start:
-      checkpointer.check_compatible(start, abstract_params=abstract[0],
-                                    abstract_opt_state=abstract[1], model_fields=meta["model"])
-      restored = checkpointer.restore(start, abstract_params=abstract[0],
-                                      abstract_opt_state=abstract[1], data_iterator=iterator)
+    if start:   # restored straight into the shardings; nothing initialised or read first
+      checkpointer.check_compatible(start, abstract_params=abstract.params,
+                                    abstract_opt_state=abstract.opt_state,
+                                    model_fields=meta["model"])
+      restored = checkpointer.restore(start, abstract_params=abstract.params,
+                                      abstract_opt_state=abstract.opt_state,
+                                      data_iterator=iterator)
       params, opt_state = restored["params"], restored["opt_state"]
       log.info("resumed from the checkpoint at step %d in %s", start, checkpointer.directory)
+    else:
+      fresh = placement.init_state(place, model_config, tx, config.seed,
+                                   params=pretrained.initial_params(model_config, config))
+      params, opt_state = fresh.params, fresh.opt_state
     if primary:
       _write_json(os.path.join(workdir, "config.json"), meta)
     state = steps.TrainState(jnp.asarray(start, jnp.int32), params, opt_state)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import pathlib
@@ -52,9 +53,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-import ops as op_benchmark  # noqa: E402  (benchmarks/ops.py: environment())
+# benchmarks/ops.py (environment()), loaded by path: putting benchmarks/ on sys.path when a test
+# imports this file would let this kernels.py shadow the PyPI `kernels` package transformers
+# imports
+_OPS_SPEC = importlib.util.spec_from_file_location(
+    "jaxlin_benchmark_ops", pathlib.Path(__file__).resolve().parent / "ops.py")
+op_benchmark = importlib.util.module_from_spec(_OPS_SPEC)
+sys.modules[_OPS_SPEC.name] = op_benchmark   # its dataclasses look their module up
+_OPS_SPEC.loader.exec_module(op_benchmark)
 from jaxlin.ops import delta_rule, gated_linear_attention  # noqa: E402
 from pallas_kernels.block_sizes import BlockSizes  # noqa: E402
 from pallas_kernels.dispatch import KernelOptions  # noqa: E402

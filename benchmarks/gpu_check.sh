@@ -8,7 +8,7 @@
 #   pip download --no-deps -d .whl fla-core==0.4.2 einops
 # tests / bench: only the first step / only the benchmarks of quick (the steps' limits add up to
 #   more than one 600 s device call, so split them there: `tests` in one call, `bench` in the next).
-# quick (default, ~10 min): kernel tests on the GPU, then kernels.py at T=8192 for simple GLA, GLA,
+# quick (default, ~10 min): kernel tests on the GPU, then kernel_timing.py at T=8192 for simple GLA, GLA,
 #   RWKV6 and Gated DeltaNet (pallas, pallas-terms, fla), with its agreement check: every impl's o
 #   and gradients against the float32 XLA form, fla's included.
 # full: also kernel_breakdown.py at T=8192, T=2048, xla, and a warps sweep of the fused-terms
@@ -46,14 +46,14 @@ if [[ $mode != bench ]]; then
     -k "(gpu or fall or support or block or fused_terms or matches or lowers) and not tpu"
 fi
 [[ $mode == tests ]] && exit 0
-step 480 "kernels.py T=8192" python3 benchmarks/kernels.py --T 8192 \
+step 480 "kernel_timing.py T=8192" python3 benchmarks/kernel_timing.py --T 8192 \
   --impls pallas pallas-terms fla --out "$out/kernels_gpu.json"
 if [[ $mode == full ]]; then
   step 180 "kernel_breakdown.py T=8192" python3 benchmarks/kernel_breakdown.py --T 8192 \
     --out "$out/kernel_breakdown_gpu.json"
-  step 300 "kernels.py T=2048, and xla" python3 benchmarks/kernels.py --T 2048 8192 \
+  step 300 "kernel_timing.py T=2048, and xla" python3 benchmarks/kernel_timing.py --T 2048 8192 \
     --impls pallas xla fla --no-check --out "$out/kernels_gpu_full.json"
-  step 300 "fused-terms warps sweep" python3 benchmarks/kernels.py --T 8192 \
+  step 300 "fused-terms warps sweep" python3 benchmarks/kernel_timing.py --T 8192 \
     --impls --block-v 64 --block-k 64 --num-warps 4 8 \
     --chunk-warps 4 8 --no-check --out "$out/sweep_gpu.json"
 fi

@@ -13,7 +13,7 @@ and of the generic path (`KernelOptions(fused_terms=False)`):
   terms        only the in-chunk terms (`chunk_terms`), gradient of a random projection of them
   kernel       only `chunk_recurrence` on precomputed terms, gradient of sum(o * do)
   inverse      (delta rule) only the UT transform's (I + L)^-1 on [B, H, N, C, C], its gradient
-Shapes and inputs as benchmarks/kernels.py. Prints a table and writes JSON.
+Shapes and inputs as benchmarks/kernel_timing.py. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-import kernels as kb  # noqa: E402
+import kernel_timing as kb  # noqa: E402
 import ops as op_benchmark  # noqa: E402
 from jaxlin.ops import delta_terms, gated_terms, triangular  # noqa: E402
 from jaxlin.ops.row_layout import RowLayout  # noqa: E402

@@ -6,7 +6,7 @@ Usage:
   python benchmarks/kernel_resources.py --chunk-warps 4 8 --out /tmp/resources.json
   python benchmarks/kernel_resources.py --cases gla --K 64 --V 64 --documents
 
-For each case (as benchmarks/kernels.py: simple_gla, gla, gated_deltanet) the forward+backward
+For each case (as benchmarks/kernel_timing.py: simple_gla, gla, gated_deltanet) the forward+backward
 of the op with impl="pallas" is lowered for CUDA under an abstract H100 (`pallas_kernels.
 gpu_lowering.triton_kernels`). Each kernel's Triton IR is compiled by the installed `triton`
 package for sm_90 with the kernel's own num_warps and num_stages, and `cuobjdump` reads the

@@ -20,7 +20,8 @@ import importlib.util
 import os
 import sys
 
-# this directory's kernels.py would shadow the `kernels` package transformers imports
+# run as a script, this directory is sys.path[0]; its generic module names (ops, train, recall)
+# must not shadow a package transformers imports
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(__file__)]
 
 import torch  # noqa: E402

@@ -45,7 +45,7 @@ class BlockSizes:
     K = 256 32 value columns), 8 warps for the delta rule or K = 256; on TPU all of V up
     to 256.
 
-    Measured on an H100 (B=4 T=8192 H=16 K=V=128 bf16, `benchmarks/kernels.py --block-v 64 128
+    Measured on an H100 (B=4 T=8192 H=16 K=V=128 bf16, `benchmarks/kernel_timing.py --block-v 64 128
     --block-k 64 128 --num-warps 4 8`): simple GLA forward+backward stayed within 4.18-4.47 ms
     over the eight settings (the state kernels are not the bottleneck); the delta rule's 8 warps
     come from the earlier fused kernel (12.57 ms at 8 warps against 14.39 ms at 4). The delta

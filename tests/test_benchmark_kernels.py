@@ -1,4 +1,4 @@
-"""`benchmarks/kernels.py`: its agreement check (each impl's o and gradients against the float32
+"""`benchmarks/kernel_timing.py`: its agreement check (each impl's o and gradients against the float32
 XLA form on the same inputs) on tiny shapes, on CPU.
 
 The check is what makes a GPU run of the benchmark also a correctness run at full size (the
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "kernels.py"
+_PATH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_timing.py"
 _SPEC = importlib.util.spec_from_file_location("benchmark_kernels", _PATH)
 bench = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(bench)

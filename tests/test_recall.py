@@ -19,15 +19,20 @@ Not yet learning recall, so not listed (issue 22 stays open for them): mamba2 (0
 from __future__ import annotations
 
 import functools
-import os
+import importlib.util
+import pathlib
 import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
-import recall  # noqa: E402
+# benchmarks/recall.py, loaded by path: benchmarks/ on sys.path would let its generic module
+# names shadow installed packages for every later test (transformers imports `kernels`)
+_SPEC = importlib.util.spec_from_file_location(
+    "jaxlin_benchmark_recall", pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "recall.py")
+recall = importlib.util.module_from_spec(_SPEC)
+sys.modules[_SPEC.name] = recall   # its dataclasses look their module up
+_SPEC.loader.exec_module(recall)
 
 PAIRS, STEPS, SEEDS = 4, 500, 2
 BOUND = 0.4                      # 1.6 x the plateau; 1024 held-out answers

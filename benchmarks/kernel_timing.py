@@ -1,10 +1,10 @@
 """Benchmark the Pallas kernels against the XLA chunked form (and fla's Triton kernels on GPU).
 
 Usage:
-  python benchmarks/kernels.py                         # B=4 H=16 K=V=128 bf16, T in 2048 8192
-  python benchmarks/kernels.py --T 2048 --out /tmp/kernels.json
-  python benchmarks/kernels.py --quick                 # tiny shapes: a smoke test of the script
-  python benchmarks/kernels.py --quick --impls pallas --interpret gpu   # GPU kernels, on CPU
+  python benchmarks/kernel_timing.py                         # B=4 H=16 K=V=128 bf16, T in 2048 8192
+  python benchmarks/kernel_timing.py --T 2048 --out /tmp/kernels.json
+  python benchmarks/kernel_timing.py --quick                 # tiny shapes: a smoke test of the script
+  python benchmarks/kernel_timing.py --quick --impls pallas --interpret gpu   # GPU kernels, on CPU
 
 Cases, on the same inputs (keys L2-normalised; gates log-sigmoid of N(3, 1) scaled like GLA):
   simple_gla        G family, scalar gate [B,T,H]           fla: chunk_simple_gla
@@ -54,9 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-# benchmarks/ops.py (environment()), loaded by path: putting benchmarks/ on sys.path when a test
-# imports this file would let this kernels.py shadow the PyPI `kernels` package transformers
-# imports
+# benchmarks/ops.py (environment()), loaded by path: benchmarks/ never goes on sys.path from a
+# test, where its generic module names (ops, train, recall) could shadow installed packages
 _OPS_SPEC = importlib.util.spec_from_file_location(
     "jaxlin_benchmark_ops", pathlib.Path(__file__).resolve().parent / "ops.py")
 op_benchmark = importlib.util.module_from_spec(_OPS_SPEC)

@@ -32,7 +32,17 @@ DOC1 = 9            # packed row: tokens [0, 9) are document 1, [9, 21) document
 PREFILL = 13
 CHUNK = 16
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-NAMES = list(VARIANTS)
+# Layer configurations beyond the variants' defaults: name -> (variant, LinearAttention options)
+OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "hgrn2+conv": ("hgrn2", {"use_short_conv": True}),   # the gate's logits convolved too
+}
+NAMES = list(VARIANTS) + list(OPTIONS)
+
+
+def _layer(name: str, **kwargs: Any) -> LinearAttention:
+  """The layer of NAMES entry `name` (a variant, or an OPTIONS configuration)."""
+  variant, options = OPTIONS.get(name, (name, {}))
+  return LinearAttention(D, H, variant=variant, **options, **kwargs)
 
 
 def _perturb(module: nnx.Module, seed: int) -> None:
@@ -55,7 +65,7 @@ def _inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @functools.lru_cache(maxsize=None)
 def _results(name: str) -> dict:
   """Builds variant `name`, runs every check's computation in one compiled function."""
-  module = LinearAttention(D, H, variant=name, chunk_size=CHUNK, rngs=nnx.Rngs(0))
+  module = _layer(name, chunk_size=CHUNK, rngs=nnx.Rngs(0))
   _perturb(module, seed=len(name))
   graphdef, state = nnx.split(module)
   x, alone, seg = _inputs()
@@ -161,12 +171,17 @@ def _softplus(x: np.ndarray) -> np.ndarray:
   return np.logaddexp(0.0, x)
 
 
-def _conv_silu(weight: jax.Array, x: np.ndarray) -> np.ndarray:
-  """Causal depthwise conv, tap K-1 on the current token, then SiLU: x [T, C]."""
+def _conv(weight: jax.Array, x: np.ndarray) -> np.ndarray:
+  """Causal depthwise conv, tap K-1 on the current token: x [T, C]."""
   w = _np(weight)
   size = w.shape[0]
   padded = np.concatenate([np.zeros((size - 1, x.shape[1])), x])
-  return _silu(sum(w[j] * padded[j:j + x.shape[0]] for j in range(size)))
+  return sum(w[j] * padded[j:j + x.shape[0]] for j in range(size))
+
+
+def _conv_silu(weight: jax.Array, x: np.ndarray) -> np.ndarray:
+  """Causal depthwise conv, then SiLU: x [T, C]."""
+  return _silu(_conv(weight, x))
 
 
 def _rmsnorm(o: np.ndarray, weight: jax.Array, eps: float = 1e-5) -> np.ndarray:
@@ -280,10 +295,15 @@ def _delta(m: LinearAttention, x: np.ndarray, gated: bool, comba: bool) -> np.nd
 
 def _hgrn2(m: LinearAttention, x: np.ndarray) -> np.ndarray:
   """HGRN2: f_t = sigmoid(W_f x + b) per key dim, h_t = Diag(f_t) h + (1 - f_t) v_t^T,
-  o_t = h_t^T swish(W_q x) / sqrt(K); RMSNorm, no output gate."""
-  q = _heads(_silu(_linear(m.q_proj, x)))
-  f = _heads(_sigmoid(_linear(m.gate.proj, x)))
-  v = _heads(_linear(m.v_proj, x))
+  o_t = h_t^T swish(W_q x) / sqrt(K); RMSNorm, no output gate. With the short conv (fla's
+  HGRN2 with use_short_conv): W_f x + b through a conv of its own (no activation) before the
+  sigmoid, and q, v through the layer's conv (SiLU)."""
+  q, f, v = _linear(m.q_proj, x), _linear(m.gate.proj, x), _linear(m.v_proj, x)
+  if m.conv is not None:
+    qv = _conv_silu(m.conv.weight[...], np.concatenate([q, v], -1))
+    q, v = qv[:, :q.shape[-1]], qv[:, q.shape[-1]:]
+    f = _conv(m.gate_conv.weight[...], f)
+  q, f, v = _heads(_silu(q)), _heads(_sigmoid(f)), _heads(v)
   S, out = np.zeros((H, q.shape[-1], v.shape[-1])), []
   for t in range(len(x)):
     S = f[t][..., None] * S + (1.0 - f[t])[..., None] * v[t][:, None]
@@ -377,6 +397,7 @@ REFERENCES = {
     "gla": _gla,
     "mamba2": _mamba2,
     "hgrn2": _hgrn2,
+    "hgrn2+conv": _hgrn2,
     "rwkv6": _rwkv6,
     "based": _based,
     "rebased": _rebased,
@@ -387,7 +408,7 @@ REFERENCES = {
 
 
 def test_every_variant_has_a_reference() -> None:
-  assert sorted(REFERENCES) == sorted(VARIANTS)
+  assert sorted(REFERENCES) == sorted(NAMES)
 
 
 @pytest.mark.parametrize("name", list(REFERENCES))
@@ -402,8 +423,8 @@ def test_matches_direct_recurrence(name: str) -> None:
 def test_builds_under_jit(name: str) -> None:
   """Parameters made inside a traced function (jit / vmap over seeds): no fixed decay may need
   a concrete value (Lightning's and RetNet's decays are static numbers)."""
-  shapes = jax.eval_shape(lambda key: nnx.state(LinearAttention(
-      D, H, variant=name, rngs=nnx.Rngs(params=key))), jax.random.key(0))
+  shapes = jax.eval_shape(lambda key: nnx.state(_layer(name, rngs=nnx.Rngs(params=key))),
+                          jax.random.key(0))
   assert jax.tree.leaves(shapes)
 
 

@@ -366,6 +366,8 @@ def _copy_core_into_mom(layer: LinearAttention, mom: MixtureOfMemories) -> None:
     for conv in convs:
       conv.weight[...] = layer.conv.weight[...][:, start:start + conv.channels]
       start += conv.channels
+  if layer.gate_conv is not None:
+    mom.gate_conv.weight[...] = layer.gate_conv.weight[...]
   if layer.beta_proj is not None:
     mom.beta_proj[...] = slot(layer.beta_proj.kernel)
   pairs = [(mom.gates[0], layer.gate), (mom.q_map, layer.q_map), (mom.k_map, layer.k_map),
@@ -383,12 +385,13 @@ def _copy_core_into_mom(layer: LinearAttention, mom: MixtureOfMemories) -> None:
   mom.o_proj[...] = layer.o_proj.kernel[...]
 
 
-def _check_one_memory_equals_core(variant: str) -> None:
-  row = VARIANTS[variant]
-  layer = LinearAttention(D, H, variant=variant, chunk_size=16, impl="xla", rngs=nnx.Rngs(0))
+def _check_one_memory_equals_core(variant: str, short_conv: bool | None = None) -> None:
+  short_conv = VARIANTS[variant].short_conv if short_conv is None else short_conv
+  layer = LinearAttention(D, H, variant=variant, use_short_conv=short_conv, chunk_size=16,
+                          impl="xla", rngs=nnx.Rngs(0))
   _perturb(layer, seed=1)
   mom = MixtureOfMemories(D, H, core=variant, num_memories=1, top_k=1, shared_memory=False,
-                          use_short_conv=row.short_conv, norm_eps=1e-5, chunk_size=16,
+                          use_short_conv=short_conv, norm_eps=1e-5, chunk_size=16,
                           impl="xla", rngs=nnx.Rngs(2))
   _copy_core_into_mom(layer, mom)
   x = jnp.asarray(_x(9))
@@ -433,3 +436,9 @@ def test_one_memory_top1_no_shared_equals_its_core_layer(variant: str) -> None:
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v not in CORES])
 def test_one_memory_equals_every_other_core_layer(variant: str) -> None:
   _check_one_memory_equals_core(variant)
+
+
+def test_one_memory_equals_hgrn2_with_its_gate_conv() -> None:
+  """HGRN2 with the short conv: the gate's logits run through their own conv in MoM's
+  stream as in the layer (`GateSpec.convolved`)."""
+  _check_one_memory_equals_core("hgrn2", short_conv=True)

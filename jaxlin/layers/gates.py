@@ -9,6 +9,7 @@ float32, and what else the gate gives the layer (Mamba2's step size dt, HGRN2's 
   Lightning (fixed scalar per head)        g_h = -slope_h * (1 - l / (L - 1) + 1e-5)
   Retention (fixed scalar per head)        g_h = log(1 - 2^(-5 - h))
   HGRN2 (per dim, forget gate)             f = lb + (1 - lb) sigmoid(W x);  g = log f;  k = 1 - f
+                                           (with the short conv: W x convolved first)
   RWKV6 (per key dim, low rank)            g = -exp(b + W2 tanh(W1 x_w))
   RWKV6 token shift (data-dependent lerp)  x_n = x + (x_{t-1} - x) * mu_n
                                            mu_n = bias_n + W2_n tanh(W1 (x + (x_{t-1} - x) mu_x))
@@ -146,8 +147,10 @@ def retention_log_decay(num_heads: int) -> np.ndarray:
 class HGRN2Gate(nnx.Module):
   """HGRN2's forget gate and its tied input key, per head and key dim.
 
-  f = lb + (1 - lb) * sigmoid(W x + b) with an optional lower bound lb in [0, 1);
-  g = log f (<= 0) and k = 1 - f = (1 - lb) * sigmoid(-(W x + b)).
+  f = lb + (1 - lb) * sigmoid(a) with an optional lower bound lb in [0, 1), from the
+  logits a = W x + b (`project`); g = log f (<= 0) and k = 1 - f = (1 - lb) * sigmoid(-a)
+  (`activate`). With the layer's short conv, a runs through a conv of its own between the
+  two (as fla's HGRN2 convolves its forget-gate input), so the key sees the tokens before.
   """
 
   def __init__(self, in_features: int, num_heads: int, head_dim: int, *,
@@ -157,18 +160,28 @@ class HGRN2Gate(nnx.Module):
                        lower_bound, "None or a number in [0, 1)")
     self.num_heads, self.head_dim = num_heads, head_dim
     self.lower_bound = 0.0 if lower_bound is None else float(lower_bound)
+    self.logit_features = num_heads * head_dim
     self.proj = _linear(in_features, num_heads * head_dim, use_bias=True, rngs=rngs,
                         dtype=dtype, param_dtype=param_dtype)
 
-  def __call__(self, x: jax.Array) -> GateOut:
-    """x [..., D] -> GateOut(g [..., H, K] <= 0, keys k [..., H, K] in (0, 1]), float32."""
-    f = self.proj(x).astype(f32).reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+  def project(self, x: jax.Array) -> jax.Array:
+    """x [..., D] -> the forget-gate logits a [..., H*K] (x's dtype)."""
+    return self.proj(x)
+
+  def activate(self, logits: jax.Array) -> GateOut:
+    """a [..., H*K] -> GateOut(g [..., H, K] <= 0, keys k [..., H, K] in (0, 1]), float32.
+    Holds no parameter: MoM applies one memory's to every memory's stream."""
+    a = logits.astype(f32).reshape(*logits.shape[:-1], self.num_heads, self.head_dim)
     lb = self.lower_bound
     if lb == 0.0:
-      g = jax.nn.log_sigmoid(f)
+      g = jax.nn.log_sigmoid(a)
     else:
-      g = jnp.log(lb + (1.0 - lb) * jax.nn.sigmoid(f))
-    return GateOut(g, keys=(1.0 - lb) * jax.nn.sigmoid(-f))
+      g = jnp.log(lb + (1.0 - lb) * jax.nn.sigmoid(a))
+    return GateOut(g, keys=(1.0 - lb) * jax.nn.sigmoid(-a))
+
+  def __call__(self, x: jax.Array) -> GateOut:
+    """x [..., D] -> GateOut(g [..., H, K] <= 0, keys k [..., H, K] in (0, 1]), float32."""
+    return self.activate(self.project(x))
 
 
 def shift_tokens(x: jax.Array, previous: jax.Array | None = None,
@@ -288,6 +301,11 @@ class GateSpec:
   build: Callable[[GateContext], nnx.Module]
   per_key: bool = False          # g has a key axis [..., H, K] (else [..., H] or None)
   gives_keys: bool = False       # GateOut.keys replaces the key projection (HGRN2)
+  convolved: bool = False        # with the layer's short conv, the gate's logits
+                                 # (module.project(x) [..., module.logit_features]) run
+                                 # through a conv of their own, no activation, before
+                                 # module.activate (parameter-free): HGRN2's key 1 - f then
+                                 # sees the previous tokens, as its q and v do
 
 
 GATES: dict[str, GateSpec] = {
@@ -302,7 +320,7 @@ GATES: dict[str, GateSpec] = {
     "mamba2": GateSpec(lambda c: Mamba2Decay(c.d_model, c.num_heads, rngs=c.rngs, **c.dtypes)),
     "hgrn2": GateSpec(lambda c: HGRN2Gate(
         c.d_model, c.num_heads, c.key_dim, lower_bound=c.options.get("forget_lower_bound"),
-        rngs=c.rngs, **c.dtypes), per_key=True, gives_keys=True),
+        rngs=c.rngs, **c.dtypes), per_key=True, gives_keys=True, convolved=True),
     "rwkv6": GateSpec(lambda c: RWKV6Decay(
         c.d_model, c.num_heads, c.key_dim, low_rank=c.options.get("rwkv_decay_rank", 64),
         rngs=c.rngs, **c.dtypes), per_key=True),

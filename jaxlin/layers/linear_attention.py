@@ -4,7 +4,8 @@ Pipeline (each stage switched by the variant's row in `VARIANTS`, overridable):
 
     x -> [RWKV6 token shift: x_r, x_w, x_k, x_v, x_g]
       -> q = W_q x, k = W_k x, v = W_v x          (HGRN2: k = 1 - forget gate)
-      -> [short causal conv over (q, k, v), size 4, SiLU]
+      -> [short causal conv over (q, k, v), size 4, SiLU; HGRN2: its gate logits too,
+          by a conv of their own without activation (`GateSpec.convolved`)]
       -> q, k = phi(q), phi(k)                     (feature map, `feature_maps.py`)
       -> [L2-normalise q, k] [RoPE] [Comba: q' = q - d_h k]
       -> gate (`gates.GATES[row.gate]`: g, [dt], [keys]), [beta = sigmoid(W_b x)]
@@ -28,6 +29,7 @@ its norm (its B, C are per head here, Mamba2 shares them across heads). Comba re
 b_t = beta_t sigmoid(c_h) (its write strength is beta_t).
 
 Cache (constant size): "state" [B, H, K', V'] float32, "conv" [B, conv_size - 1, C],
+"conv_gate" [B, conv_size - 1, H*K] (a convolved gate),
 "shift" [B, D] (RWKV6's previous token), "position" [B] int32 (RoPE).
 
 Legend: B batch, T time, D d_model, H heads, K key dim per head, K' key dim after the
@@ -353,6 +355,9 @@ class LinearAttention(nnx.Module):
                    **(gate_options or {}))
     self.gate = gate_spec.build(gates.GateContext(
         d_model, heads, key_dim, layer_index, num_layers, options, **kw))
+    self.gate_conv = (ShortConv(self.gate.logit_features, kernel_size=conv_size,
+                                activation=None, rngs=rngs, param_dtype=param_dtype)
+                      if gate_spec.convolved and self.use_short_conv else None)
     self.beta_proj = lin(d_model, heads) if row.recurrence.write_strength else None
     self.removal_logit = (nnx.Param(jnp.ones((heads,), param_dtype)) if row.removal else None)
     self.correction = (nnx.Param(jnp.full((heads,), correction, param_dtype))
@@ -375,6 +380,8 @@ class LinearAttention(nnx.Module):
                                         self.state_value_dim), f32)}
     if self.conv is not None:
       cache["conv"] = self.conv.init_state(batch_size, self.dtype)
+    if self.gate_conv is not None:
+      cache["conv_gate"] = self.gate_conv.init_state(batch_size, self.dtype)
     if self.shift_mix is not None:
       cache["shift"] = jnp.zeros((batch_size, self.d_model), self.dtype)
     if self.use_rope:
@@ -382,20 +389,26 @@ class LinearAttention(nnx.Module):
     return cache
 
   # ---------------------------------------------------------------- forward
-  def _convolve(self, parts: list[jax.Array], segment_ids: jax.Array | None,
-                cache: Cache | None, new_cache: Cache) -> list[jax.Array]:
-    """Short conv over the concatenated projections [B, T, C]; splits them back."""
-    sizes = [p.shape[-1] for p in parts]
-    joint = jnp.concatenate(parts, axis=-1)
+  @staticmethod
+  def _convolve(conv: ShortConv, name: str, x: jax.Array, segment_ids: jax.Array | None,
+                cache: Cache | None, new_cache: Cache) -> jax.Array:
+    """`conv` over x [B, T, C], continuing from cache[name] (and updating it) when given."""
     if cache is None:
-      joint = self.conv(joint, segment_ids=segment_ids)
-    elif joint.shape[1] == 1:
-      y, new_cache["conv"] = self.conv.step(joint[:, 0], cache["conv"])
-      joint = y[:, None]
-    else:
-      joint, new_cache["conv"] = self.conv(joint, state=cache["conv"], return_state=True)
-    bounds = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
-    return jnp.split(joint, bounds, axis=-1)
+      return conv(x, segment_ids=segment_ids)
+    if x.shape[1] == 1:
+      y, new_cache[name] = conv.step(x[:, 0], cache[name])
+      return y[:, None]
+    y, new_cache[name] = conv(x, state=cache[name], return_state=True)
+    return y
+
+  def _gate(self, x: jax.Array, segment_ids: jax.Array | None, cache: Cache | None,
+            new_cache: Cache) -> gates.GateOut:
+    """The gate of the "w" mix x [B, T, D]; a convolved gate's logits pass its own conv."""
+    if self.gate_conv is None:
+      return self.gate(x)
+    logits = self._convolve(self.gate_conv, "conv_gate", self.gate.project(x), segment_ids,
+                            cache, new_cache)
+    return self.gate.activate(logits)
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
                cache: Cache | None = None) -> MixerOutput:
@@ -419,11 +432,14 @@ class LinearAttention(nnx.Module):
     if self.k_proj is not None:
       parts.append(self.k_proj(xs["k"]))
     parts.append(self.v_proj(xs["v"]))
-    if self.conv is not None:
-      parts = self._convolve(parts, segment_ids, cache, new_cache)
+    if self.conv is not None:   # one conv over the concatenated projections
+      sizes = [p.shape[-1] for p in parts]
+      joint = self._convolve(self.conv, "conv", jnp.concatenate(parts, axis=-1), segment_ids,
+                             cache, new_cache)
+      parts = jnp.split(joint, [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)], axis=-1)
     heads_of = lambda a: a.reshape(batch, time, heads, -1)
     q, v = self.q_map(heads_of(parts[0])), heads_of(parts[-1])
-    gate = self.gate(xs["w"])
+    gate = self._gate(xs["w"], segment_ids, cache, new_cache)
     k = gate.keys if self.k_proj is None else self.k_map(heads_of(parts[1]))
 
     positions = None

@@ -21,8 +21,9 @@ The optional shared memory (slot M, weight 1) sees every token. Then, as in the
 core's layer: y = W_o OutputNorm(o, x W_z) (per head RMSNorm(o) * silu(z); Mamba2:
 RMSNorm(o * silu(z)) over all heads; RMSNorm or nothing when the row has no output gate).
 The short causal conv (SiLU) on q, k, v runs inside each memory's stream (its taps
-are the previous tokens routed to the same memory, as in fla's MoM); without it, a core whose row has a conv applies SiLU to q, k, v instead
-(fla's GDN). Then the feature maps, the row's L2 normalisation of q and k, RoPE at
+are the previous tokens routed to the same memory, as in fla's MoM), and so does a
+convolved gate's own conv (HGRN2's logits, no activation); without it, a core whose row
+has a conv applies SiLU to q, k, v instead (fla's GDN). Then the feature maps, the row's L2 normalisation of q and k, RoPE at
 the tokens' positions, and the row's op inputs.
 
 Efficient exact form (no cache): the T*k' routed copies of every token
@@ -159,7 +160,7 @@ class MixtureOfMemories(nnx.Module):
   y = W_o GatedRMSNorm(sum_j w_j o^{m_j} + o^shared, x W_z), o^m the core's output from
   memory m's own state. The projections start as the core layer's (LeCun normal);
   `init_std` is the router's. Cache: {"state": [B, M', H, K', V'] float32} plus {"conv_q",
-  "conv_k", "conv_v": [B, M', P, C]} with the short conv, "shift" [B, D] for RWKV6's
+  "conv_k", "conv_v" (and "conv_gate"): [B, M', P, C]} with the short conv, "shift" [B, D] for RWKV6's
   token shift, "position" [B] for RoPE.
   """
 
@@ -241,6 +242,9 @@ class MixtureOfMemories(nnx.Module):
                              if self.use_short_conv else None)
     self.q_conv, self.v_conv = conv(hk), conv(hv)
     self.k_conv = None if self.k_proj is None else conv(hk)
+    self.gate_conv = (ShortConv(self.gates[0].logit_features, kernel_size=conv_size,
+                                activation=None, rngs=rngs, param_dtype=param_dtype)
+                      if spec.convolved and self.use_short_conv else None)
     self.out_gate_proj = param(d_model, hv) if row.output_gate else None
     self.o_norm = (OutputNorm(row, gated=row.output_gate, num_heads=num_heads,
                               value_dim=self.head_dim, eps=norm_eps, param_dtype=param_dtype)
@@ -269,10 +273,13 @@ class MixtureOfMemories(nnx.Module):
     out = {"q": xs["r"] @ w(self.q_proj), "v": per_slot(xs["v"], self.v_proj)}
     if self.k_proj is not None:
       out["k"] = per_slot(xs["k"], self.k_proj)
-    outs = [gate(xs["w"]) for gate in self.gates]
-    for name in gates.GateOut._fields:
-      if getattr(outs[0], name) is not None:
-        out[name] = jnp.stack([getattr(o, name) for o in outs], axis=2)
+    if self.gate_conv is not None:
+      out["gate"] = jnp.stack([gate.project(xs["w"]) for gate in self.gates], axis=2)
+    else:
+      outs = [gate(xs["w"]) for gate in self.gates]
+      for name in gates.GateOut._fields:
+        if getattr(outs[0], name) is not None:
+          out[name] = jnp.stack([getattr(o, name) for o in outs], axis=2)
     if self.beta_proj is not None:
       out["beta"] = jax.nn.sigmoid(per_slot(xc, self.beta_proj).astype(f32))
     if self.out_gate_proj is not None:
@@ -282,7 +289,7 @@ class MixtureOfMemories(nnx.Module):
   def _convs(self) -> tuple[tuple[ShortConv, str, str], ...]:
     """(conv, cache name, input name) of every stream conv."""
     named = ((self.q_conv, "conv_q", "q"), (self.k_conv, "conv_k", "k"),
-             (self.v_conv, "conv_v", "v"))
+             (self.v_conv, "conv_v", "v"), (self.gate_conv, "conv_gate", "gate"))
     return tuple(c for c in named if c[0] is not None)
 
   def init_cache(self, batch_size: int, max_length: int) -> Cache:
@@ -324,8 +331,9 @@ class MixtureOfMemories(nnx.Module):
     if self.shift_mix is not None and new_cache is not None:
       new_cache["shift"] = x[:, -1].astype(self.dtype)
     streams = {"q": proj["q"][copies.rows, copies.tok], "v": copies.gather(proj["v"])}
-    if "k" in proj:
-      streams["k"] = copies.gather(proj["k"])
+    for stream in ("k", "gate"):
+      if stream in proj:
+        streams[stream] = copies.gather(proj[stream])
     if self.use_short_conv:
       for conv, name, stream in self._convs():
         value = streams[stream]
@@ -337,8 +345,9 @@ class MixtureOfMemories(nnx.Module):
     elif row.short_conv:   # the core's conv carries a SiLU; without the conv it stays
       streams = {n: jax.nn.silu(a) for n, a in streams.items()}
     split = lambda a: a.reshape(batch, a.shape[1], heads, -1)
-    gate = gates.GateOut(*(None if n not in proj else copies.gather(proj[n])
-                           for n in gates.GateOut._fields))
+    gate = (self.gates[0].activate(streams.pop("gate")) if self.gate_conv is not None else
+            gates.GateOut(*(None if n not in proj else copies.gather(proj[n])
+                            for n in gates.GateOut._fields)))
     q = self.q_map(split(streams["q"]))
     k = gate.keys if self.k_map is None else self.k_map(split(streams["k"]))
     v = split(streams["v"])

@@ -48,6 +48,8 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--devices", nargs="+", type=int, default=[8, 64])
   parser.add_argument("--fsdp-sweep", action="store_true",
                       help="also: a small model at fsdp 1, 2, 4, 8 (bytes should fall as 1/fsdp)")
+  parser.add_argument("--accumulation-steps", type=int, default=None,
+                      help="override the configs' train.accumulation_steps")
   parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "scale.json"))
   return parser.parse_args()
 
@@ -126,6 +128,8 @@ def load(name: str) -> tuple[ml_collections.ConfigDict, ModelConfig]:
   config = importlib.import_module(f"configs.{name}").get_config()
   config.model.dtype = "bfloat16"    # as "auto" resolves on TPU / GPU
   config.model.moe_dispatch = "capacity"   # see the module docstring: XLA:CPU's ragged_dot
+  if ARGS is not None and ARGS.accumulation_steps is not None:
+    config.train.accumulation_steps = ARGS.accumulation_steps
   return config, model_config_for(config, config.model.vocab_size)
 
 

@@ -468,6 +468,22 @@ def test_gate_modules_are_log_space() -> None:
   np.testing.assert_array_equal(shifted[:, 3], x[:, 2])
 
 
+def test_mamba2_decay_starts_at_the_papers_init() -> None:
+  """Mamba2's defaults (mamba_ssm Mamba2: A_init_range (1, 16), dt in [1e-3, 0.1] log-uniform,
+  floored at 1e-4, dt_bias = softplus^-1(dt)), checked on many heads' draws."""
+  heads = 4096
+  gate = gates.Mamba2Decay(D, heads, rngs=nnx.Rngs(0))
+  a = np.exp(np.asarray(gate.A_log[...], np.float64))
+  dt = np.logaddexp(0.0, np.asarray(gate.dt_bias[...], np.float64))
+  assert a.min() >= 1.0 - 1e-5 and a.max() <= 16.0 + 1e-4
+  np.testing.assert_allclose([a.mean(), a.std()], [8.5, 15 / np.sqrt(12)], rtol=0.05)
+  assert dt.min() >= 1e-3 * (1 - 1e-4) and dt.max() <= 0.1 * (1 + 1e-4)
+  log_dt = np.log(dt)
+  lo, hi = np.log(1e-3), np.log(0.1)
+  np.testing.assert_allclose([log_dt.mean(), log_dt.std()],
+                             [(lo + hi) / 2, (hi - lo) / np.sqrt(12)], rtol=0.05)
+
+
 def test_feature_map_kernels() -> None:
   rngs = nnx.Rngs(0)
   maps = {name: feature_maps.FeatureMap(name, 6, rngs=rngs) for name in feature_maps.FEATURE_MAPS}

@@ -13,8 +13,11 @@ the plateau for 600 steps, see the README), and must reach accuracy > BOUND = 0.
 seed-dependent step: one Gated DeltaNet seed was at 0.32 after 500 steps, the other at 1.0).
 The benchmark's own harness (`recall.run_mixer`), both seeds in one vmapped run.
 
-Not yet learning recall, so not listed (issue 22 stays open for them): mamba2 (0.10 after
-600 steps at learning rates 1e-3, 3e-3 and 3e-2) and hgrn2 (0.26-0.27, on the plateau).
+Not listed: mamba2, whose start is decided by its decay draws at this size (two heads per
+layer; its init is the paper's, `test_mamba2_decay_starts_at_the_papers_init`): a seed whose
+heads all forget at >= 0.13 per token (A dt at init) stays at chance, a seed with a slow head
+learns, but at a step that moves with the schedule (1.00 by step 750 of a 1500-step run, 0.27
+after a 1000-step one), too late and too unsteady for a bounded test (README: Recall).
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ _SPEC.loader.exec_module(recall)
 
 PAIRS, STEPS, SEEDS = 4, 500, 2
 BOUND = 0.4                      # 1.6 x the plateau; 1024 held-out answers
-NOT_YET = ("mamba2", "hgrn2")   # see the module docstring
+NOT_YET = ("mamba2",)   # see the module docstring
 SETUP = recall.Setup(levels=(PAIRS,), seeds=SEEDS, steps=STEPS, short_conv=1, eval_every=STEPS,
                      train_examples=4096, eval_examples=256)
 

@@ -198,11 +198,19 @@ def constrain(x: jax.Array, *logical: str | None) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
 
-def mesh_axes(logical: str) -> tuple[str, ...]:
-  """The active mesh's axes (of size > 1) the logical axis is split over; () without one."""
+def mesh_axes(logical: str, dim: int | None = None) -> tuple[str, ...]:
+  """The active mesh's axes (of size > 1) the logical axis is split over; () without one, or
+  when they do not divide `dim` (where given)."""
   if not _ACTIVE:
     return ()
-  return _split_axes(*_ACTIVE[-1], logical)
+  if dim is None:
+    return _split_axes(*_ACTIVE[-1], logical)
+  return _mesh_axes(*_ACTIVE[-1], logical, dim)
+
+
+def active_mesh() -> Mesh | None:
+  """The mesh of the innermost `activations_on`, or None."""
+  return _ACTIVE[-1][0] if _ACTIVE else None
 
 
 def map_over_batch(fn: Callable[..., Any], sharded: tuple[Any, ...],

@@ -106,8 +106,8 @@ def jit_train_step(placement: Placement, graphdef: Any, tx: optax.GradientTransf
                    schedule: optax.Schedule, accumulation_steps: int = 1,
                    trainable: Callable[[Any], Any] | None = None) -> Callable:
   """steps.make_train_step jitted with the state kept in its shardings (donated)."""
-  return jax.jit(_on_mesh(placement, steps.make_train_step(graphdef, tx, schedule,
-                                                           accumulation_steps, trainable)),
+  return jax.jit(_on_mesh(placement, steps.make_train_step(
+      graphdef, tx, schedule, accumulation_steps, trainable, gradient_shardings=placement.params)),
                  in_shardings=(placement.state, placement.batch),
                  out_shardings=(placement.state, placement.replicated), donate_argnums=(0,))
 

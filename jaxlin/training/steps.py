@@ -118,7 +118,8 @@ def forward(graphdef: nnx.GraphDef, params: Any,
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, accumulation_steps: int = 1,
-                    trainable: Callable[[Any], Any] | None = None
+                    trainable: Callable[[Any], Any] | None = None,
+                    gradient_shardings: Any = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """train_step(state, batch) -> (state, metrics); not jitted (jaxlin.training.train jits it once).
 
@@ -128,6 +129,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   trainable: None (every parameter trains) or params -> a tree of bools (e.g.
   `optim.lora_mask`): the other leaves get zero gradients, so XLA drops their weight-gradient
   matmuls, and grad_norm is over the trainable leaves only.
+  gradient_shardings: None, or the parameters' shardings (a tree like params): every
+  micro-batch's gradients and their running sum are kept in them (FSDP: reduce-scattered per
+  micro-batch into sharded accumulators, never a full-size gradient per device).
   """
   A = accumulation_steps
 
@@ -144,6 +148,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     def micro_terms(micro: Batch) -> tuple[Any, jax.Array, jax.Array, jax.Array, dict]:
       grads, (ce_sum, correct, aux_total, aux) = grad_fn(state.params, micro, total_weight)
+      if gradient_shardings is not None:
+        grads = jax.lax.with_sharding_constraint(grads, gradient_shardings)
       if trainable is not None:   # frozen leaves: zeros, before any sum keeps their grads alive
         grads = jax.tree.map(lambda g, train: g if train else jnp.zeros_like(g), grads,
                              trainable(state.params))
@@ -158,6 +164,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
           lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), batch)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
           micro_terms, jax.tree.map(lambda x: x[0], micro_batches)))
+      if gradient_shardings is not None:
+        zeros = (jax.lax.with_sharding_constraint(zeros[0], gradient_shardings), *zeros[1:])
       terms, _ = jax.lax.scan(lambda carry, micro: (jax.tree.map(
           jnp.add, carry, micro_terms(micro)), None), zeros, micro_batches)
     grads, ce_sum, correct, aux_total, aux = terms

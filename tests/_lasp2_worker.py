@@ -1,0 +1,169 @@
+"""The multi-device checks of tests/test_lasp2.py, in a fresh interpreter with 8 fake CPU
+devices (XLA_FLAGS is set here, before jax starts). Prints one JSON object of measurements;
+the test asserts on them.
+
+    python tests/_lasp2_worker.py
+
+For every case (a family with its gate kind) and every mesh (sequence 2, 4, 8; data 2 x
+sequence 4): the relative max difference between `lasp2.sequence_op` and the one-device op of
+the outputs, the final state and the gradient of every input (q, k, v, the per-token inputs,
+the head inputs and the initial state), on batch 2 with packed documents (row 0: a document
+ending exactly at the middle, one spanning the rest; row 1: one document per eighth, the last
+eighth padding) and an initial state. Also the all-gathers of the compiled forward and their
+bytes at two lengths.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+
+import json  # noqa: E402
+import re  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxlin import parallel  # noqa: E402
+from jaxlin.ops.families import FAMILIES  # noqa: E402
+from jaxlin.parallel import lasp2  # noqa: E402
+
+B, T, H, K, V = 2, 32, 2, 8, 8
+CHUNK = 16
+# case -> (family, per-token input shapes ("h": [B, T, H], "hk": [B, T, H, K]), head inputs)
+CASES: dict[str, tuple[str, dict[str, str], tuple[str, ...]]] = {
+    "gated_none": ("gated", {}, ()),
+    "gated_scalar": ("gated", {"g": "h"}, ()),
+    "gated_per_key": ("gated", {"g": "hk"}, ()),
+    "gated_bonus": ("gated", {"g": "hk"}, ("bonus",)),
+    "delta": ("delta", {"beta": "h"}, ()),
+    "delta_gated": ("delta", {"beta": "h", "g": "h"}, ()),
+    "delta_removal": ("delta", {"beta": "h", "g": "h", "removal": "h"}, ()),
+}
+MESHES = {"sequence2": dict(sequence=2), "sequence4": dict(sequence=4),
+          "sequence8": dict(sequence=8), "data2_sequence4": dict(data=2, sequence=4)}
+
+
+def make_mesh(sizes: dict[str, int]) -> jax.sharding.Mesh:
+  shape = tuple(sizes.get(a, 1) for a in parallel.AXES)
+  return jax.make_mesh(shape, parallel.AXES, devices=jax.devices()[:int(np.prod(shape))],
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def inputs(case: str, time: int = T, decay: str = "normal") -> dict[str, Any]:
+  """Random inputs of one case: q, k, v, per-token inputs, head inputs, initial state."""
+  family, token_inputs, head_inputs = CASES[case]
+  rng = np.random.default_rng(len(case))
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  k = normal(B, time, H, K)
+  if family == "delta":
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  out = {"q": normal(B, time, H, K), "k": k, "v": normal(B, time, H, V), "inputs": {},
+         "head_inputs": {}, "initial_state": normal(B, H, K, V)}
+  for name, kind in token_inputs.items():
+    shape = (B, time, H) + ((K,) if kind == "hk" else ())
+    if name == "g":
+      low = {"normal": 0.5, "none": 30.0, "full": 1e-6}[decay]
+      value = -low * jnp.asarray(rng.uniform(0.2, 1.0, size=shape), jnp.float32)
+    else:   # beta, removal in (0, 1)
+      value = jax.nn.sigmoid(normal(*shape))
+    out["inputs"][name] = value
+  for name in head_inputs:
+    out["head_inputs"][name] = 0.5 * normal(H, K)
+  return out
+
+
+def segment_ids(time: int = T) -> jnp.ndarray:
+  """Row 0: [0, T/2) one document, [T/2, T) another (ends exactly at a shard boundary, spans
+  several shards); row 1: one document per eighth, the last eighth padding (id 0)."""
+  t = np.arange(time)
+  row0 = np.where(t < time // 2, 1, 2)
+  row1 = t // (time // 8) + 1
+  row1[t >= 7 * time // 8] = 0
+  return jnp.asarray(np.stack([row0, row1]), jnp.int32)
+
+
+def run(case: str, x: dict[str, Any], seg: jnp.ndarray | None, mesh: Any) -> Any:
+  """(o, final, gradients of every input) of the op, on `mesh` (LASP-2) or one device (None)."""
+  family = FAMILIES[CASES[case][0]]
+  rng = np.random.default_rng(7)
+  w_o = jnp.asarray(rng.normal(size=x["v"].shape), jnp.float32)
+  w_s = jnp.asarray(rng.normal(size=x["initial_state"].shape), jnp.float32)
+
+  def loss(x):
+    o, final = lasp2.sequence_op(family, x["q"], x["k"], x["v"], x["inputs"], x["head_inputs"],
+                                 scale=None, segment_ids=seg, initial_state=x["initial_state"],
+                                 output_final_state=True, chunk_size=CHUNK, impl="xla")
+    return jnp.sum(o * w_o) + jnp.sum(final * w_s), (o, final)
+
+  fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  if mesh is None:
+    (_, (o, final)), grads = fn(x)
+  else:
+    with parallel.activations_on(mesh):
+      (_, (o, final)), grads = fn(x)
+  return jax.tree.map(np.asarray, (o, final, grads))
+
+
+def relative(a: Any, b: Any) -> float:
+  """max |a - b| / max |b| over matching trees."""
+  diff = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  scale = max(float(np.max(np.abs(y))) for y in jax.tree.leaves(b))
+  return diff / max(scale, 1e-30)
+
+
+def compare(case: str, mesh_name: str, decay: str = "normal", packed: bool = True) -> dict:
+  x = inputs(case, decay=decay)
+  seg = segment_ids() if packed else None
+  want = run(case, x, seg, None)
+  got = run(case, x, seg, make_mesh(MESHES[mesh_name]))
+  finite = all(bool(np.all(np.isfinite(a))) for a in jax.tree.leaves(got))
+  return {"o": relative(got[0], want[0]), "final": relative(got[1], want[1]),
+          "grads": {name: relative(got[2][name], want[2][name]) for name in want[2]
+                    if jax.tree.leaves(want[2][name])},
+          "finite": finite}
+
+
+def all_gathers(case: str, time: int, packed: bool) -> dict[str, Any]:
+  """The all-gathers of the compiled LASP-2 forward on sequence 4, with their result bytes."""
+  family = FAMILIES[CASES[case][0]]
+  x = inputs(case, time)
+  seg = segment_ids(time) if packed else None
+
+  def forward(x):
+    return lasp2.sequence_op(family, x["q"], x["k"], x["v"], x["inputs"], x["head_inputs"],
+                             scale=None, segment_ids=seg, initial_state=x["initial_state"],
+                             output_final_state=True, chunk_size=CHUNK, impl="xla")
+
+  with parallel.activations_on(make_mesh(MESHES["sequence4"])):
+    hlo = jax.jit(forward).lower(x).compile().as_text()
+  lines = [line for line in hlo.splitlines() if re.search(r"\ball-gather(-start)?\(", line)]
+  sizes = []
+  for line in lines:
+    lhs = line.split("=", 1)[1].split("all-gather")[0]
+    sizes.append(sum(int(np.prod([int(d) for d in dims.split(",") if d] or [1])) * 4
+                     for _, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", lhs)))
+  return {"count": len(lines), "bytes": sizes}
+
+
+def main() -> None:
+  results: dict[str, Any] = {"compare": {}, "extreme": {}, "unpacked": {}}
+  for case in CASES:
+    for mesh_name in MESHES:
+      results["compare"][f"{case}/{mesh_name}"] = compare(case, mesh_name)
+  for case in ("gated_per_key", "delta_gated"):
+    for decay in ("none", "full"):
+      results["extreme"][f"{case}/{decay}"] = compare(case, "sequence8", decay=decay)
+    results["unpacked"][case] = compare(case, "sequence4", packed=False)
+  results["all_gathers"] = {
+      f"{case}/T{time}/{'packed' if packed else 'unpacked'}": all_gathers(case, time, packed)
+      for case in ("gated_per_key", "delta_gated") for time in (64, 512)
+      for packed in (False, True)}
+  print(json.dumps(results))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,65 @@
+"""LASP-2 (`jaxlin.parallel.lasp2`): a recurrence with its sequence split over the `sequence`
+mesh axis equals the one-device op, for every family and gate kind.
+
+The slow test runs tests/_lasp2_worker.py in a fresh interpreter with 8 fake CPU devices (see
+its docstring for the cases): outputs, final state and the gradient of every input against the
+one-device op on sequence 2, 4, 8 and data 2 x sequence 4, batch 2 with packed documents
+(one ending exactly at a shard boundary, one spanning several shards, one per shard, a padding
+shard) and an initial state; extreme decays (a gate of -30 per token: no memory; -1e-6: none
+forgotten) over 8 shards; and the compiled forward's all-gathers: one of the T-independent
+(M, N) summaries (two with packed documents: the spans' first and last segment ids), the same
+bytes at T = 64 and T = 512.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# float32 agreement: the fold and the per-shard op reorder sums of products (measured <= 4.1e-7
+# relative to the largest value of each array); a lost span or a wrong reset is off by O(1)
+TOLERANCE = 1e-5
+# gates of -30 per token: gradients of g are sums of terms that cancel to exp(-30)-scale values
+# (measured 1.0e-5); a dropped or doubled state is off by O(1)
+EXTREME_TOLERANCE = 1e-4
+
+
+@functools.lru_cache(maxsize=None)
+def _results() -> dict[str, Any]:
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "_lasp2_worker.py")],
+                        capture_output=True, text=True, timeout=900, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _worst(entry: dict[str, Any]) -> float:
+  return max([entry["o"], entry["final"], *entry["grads"].values()])
+
+
+@pytest.mark.slow   # ~3 min on 2 CPU cores (one interpreter, every case)
+def test_sequence_parallel_op_equals_one_device() -> None:
+  results = _results()
+  for section, bound in (("compare", TOLERANCE), ("unpacked", TOLERANCE),
+                         ("extreme", EXTREME_TOLERANCE)):
+    assert results[section], section
+    for name, entry in results[section].items():
+      assert entry["finite"], (section, name)
+      assert _worst(entry) < bound, (section, name, entry)
+  grads = {n for entry in results["compare"].values() for n in entry["grads"]}
+  assert {"q", "k", "v", "inputs", "initial_state", "head_inputs"} <= grads
+
+
+@pytest.mark.slow
+def test_one_all_gather_of_t_independent_bytes() -> None:
+  gathers = _results()["all_gathers"]
+  for case in ("gated_per_key", "delta_gated"):
+    for packed, count in (("unpacked", 1), ("packed", 2)):
+      short, long = (gathers[f"{case}/T{t}/{packed}"] for t in (64, 512))
+      assert short["count"] == long["count"] == count, (case, packed, short, long)
+      assert short["bytes"] == long["bytes"], (case, packed, short, long)

@@ -99,7 +99,8 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig, devices: 
   accumulation = config.train.accumulation_steps
   place = placement.make_placement(config.mesh, model_config, tx,
                                    batch_size=config.data.batch_size,
-                                   accumulation_steps=accumulation, devices=devices)
+                                   accumulation_steps=accumulation,
+                                   seq_len=config.data.seq_len, devices=devices)
   graphdef = steps.abstract_params(model_config)[0]
   state = placement.abstract_state(place, model_config, tx)
   B, T = config.data.batch_size, config.data.seq_len

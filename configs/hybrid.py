@@ -5,8 +5,9 @@
 8 blocks: L L L N L L L N (Gated DeltaNet, then softmax attention with RoPE
 every 4th block), MoE in every block with 8 experts top-2 plus one
 sigmoid-gated shared expert (Qwen2-MoE style). This is the layout LASP-2H
-parallelises across the sequence; jaxlin runs it data-parallel today (the
-sequence-parallel wrappers are not built yet).
+parallelises across the sequence: --config.mesh.sequence=P runs LASP-2 in the
+linear layers (XLA partitions the softmax ones; LASP-2H's explicit K/V gather is
+not built yet).
 """
 
 import ml_collections

@@ -17,8 +17,8 @@ are this config's choices, not the paper's.
 What to expect: meant for TPU pods / multi-GPU hosts. As A0.3B-2B: FSDP over
 every device, 8 micro-batches per step; `python benchmarks/scale.py` gives the
 bytes per device at 8 and 64 devices (README: Scale). Expert parallelism:
---config.mesh.expert=8; sequence parallelism is not built yet; on a single CPU
-it will not fit.
+--config.mesh.expert=8; sequence parallelism (LASP-2): --config.mesh.sequence=4;
+on a single CPU it will not fit.
 """
 
 import ml_collections

@@ -34,7 +34,8 @@ MODELS = {
                        mlp_hidden=64, tie_embeddings=False, init_std=0.1),
 }
 MESHES = {"fsdp8": dict(fsdp=8, data=1), "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
-          "data2_expert4": dict(data=2, expert=4)}
+          "data2_expert4": dict(data=2, expert=4),
+          "data2_sequence2_expert2": dict(data=2, sequence=2, expert=2)}
 B, T = 8, 16
 
 

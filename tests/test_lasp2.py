@@ -63,3 +63,33 @@ def test_one_all_gather_of_t_independent_bytes() -> None:
       short, long = (gathers[f"{case}/T{t}/{packed}"] for t in (64, 512))
       assert short["count"] == long["count"] == count, (case, packed, short, long)
       assert short["bytes"] == long["bytes"], (case, packed, short, long)
+
+
+def _train(workdir: str, *args: str) -> tuple[dict[int, float], str]:
+  """run.py on the default config (tests/test_run.py's TINY sizes) with 8 fake CPU devices;
+  the train losses by step."""
+  from test_run import TINY
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                                    + " --xla_force_host_platform_device_count=8").strip())
+  command = [sys.executable, os.path.join(REPO, "run.py"), "--config",
+             os.path.join(REPO, "configs", "default.py"), f"--config.workdir={workdir}", *TINY,
+             "--config.train.num_steps=3", "--config.checkpoint.every_steps=3",
+             "--config.eval.every_steps=3", "--config.sample.num_samples=0",
+             "--config.logging.progress=False", *args]
+  proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return {r["step"]: r["loss"] for r in records if r["split"] == "train"}, proc.stderr
+
+
+@pytest.mark.slow   # ~2 min: two run.py processes
+def test_run_py_trains_with_the_sequence_split_four_ways(tmp_path) -> None:
+  """The default hybrid MoE config through run.py on data 2 x sequence 4 (LASP-2 in every
+  linear layer, the softmax and MoE layers partitioned by XLA) takes the losses of data 8."""
+  split, log = _train(str(tmp_path / "sequence"), "--config.mesh.sequence=4")
+  assert "data 2 x sequence 4" in log, log[-2000:]
+  plain, _ = _train(str(tmp_path / "data"))
+  assert sorted(split) == sorted(plain) == [1, 2, 3]
+  for step in plain:
+    assert abs(split[step] - plain[step]) < 1e-4 * abs(plain[step]), (step, split, plain)

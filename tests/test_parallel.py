@@ -20,7 +20,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 from jaxlin import parallel
 from jaxlin.config import ModelConfig
 from jaxlin.layers.linear_attention import VARIANTS
-from jaxlin.training import steps
+from jaxlin.training import placement, steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D = 48
@@ -84,13 +84,20 @@ def test_specs_follow_the_rules_and_overrides() -> None:
     (dict(data=-1, fsdp=3), 8, r"mesh.data: got -1; expected the devices left .* product 3"),
     (dict(data=-1, fsdp=-1), 8, r"at most one axis of -1"),
     (dict(fsdp=0), 8, r"mesh.fsdp: got 0; expected an int >= 1, or -1"),
-    (dict(data=1, sequence=2), 2, r"mesh.sequence: got 2; expected 1: sequence parallelism"),
 ])
 def test_bad_mesh_sizes_name_the_field(sizes: dict, devices: int, match: str) -> None:
   config = parallel.mesh.default_config()
   config.update(sizes)
   with pytest.raises(ValueError, match=match):
     parallel.axis_sizes(config, devices)
+
+
+def test_a_sequence_axis_must_divide_the_length() -> None:
+  config = ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=2)
+  placement.check_mesh(_mesh(sequence=4), config, batch_size=8, seq_len=32)
+  with pytest.raises(ValueError, match=r"data.seq_len: got 30; expected a multiple of "
+                                       r"mesh.sequence=4"):
+    placement.check_mesh(_mesh(sequence=4), config, batch_size=8, seq_len=30)
 
 
 def test_auto_axis_takes_the_devices_left() -> None:
@@ -114,14 +121,14 @@ def test_a_dimension_that_does_not_divide_names_the_parameter() -> None:
     parallel.parse_rules("embed=pipeline")
 
 
-@pytest.mark.slow  # ~3 min: 14 train-step compilations on 8 fake devices in a subprocess
+@pytest.mark.slow  # ~4 min: 18 train-step compilations on 8 fake devices in a subprocess
 def test_meshes_equal_one_device_and_restore_across_meshes(tmp_path) -> None:
   run = subprocess.run([sys.executable, os.path.join(REPO, "tests", "_mesh_worker.py"),
                         str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=REPO)
   lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
   assert run.returncode == 0 and lines, run.stderr[-3000:]
   result = json.loads(lines[-1][len("RESULT "):])
-  assert len(result["steps"]) == 6
+  assert len(result["steps"]) == 8
   for name, step in result["steps"].items():
     assert abs(step["loss"] - step["loss_one_device"]) < 1e-5, (name, step)
     assert step["params_max_diff"] < 1e-5, (name, step)

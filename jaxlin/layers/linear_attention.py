@@ -52,6 +52,7 @@ from jaxlin.layers.conv import ShortConv
 from jaxlin.layers.norm import l2_normalise, rms_normalise
 from jaxlin.layers.rope import apply_rope
 from jaxlin.ops.families import FAMILIES, Family
+from jaxlin.parallel import lasp2
 
 f32 = jnp.float32
 
@@ -185,9 +186,10 @@ class OpStages:
       o, new_state = family.step(q[:, 0], k[:, 0], v[:, 0], **at0, **head_inputs,
                                  state=state, scale=scale)
       return o[:, None], new_state
-    return family.op(q, k, v, **inputs, **head_inputs, scale=scale, segment_ids=segment_ids,
-                     chunk_size=chunk_size, impl=impl, initial_state=state,
-                     output_final_state=state is not None)
+    # LASP-2 when the active mesh splits the sequence; the family's op otherwise
+    return lasp2.sequence_op(family, q, k, v, inputs, head_inputs, scale=scale,
+                             segment_ids=segment_ids, chunk_size=chunk_size, impl=impl,
+                             initial_state=state, output_final_state=state is not None)
 
   def output(self, o: jax.Array, v: jax.Array, skip: jax.Array | None) -> jax.Array:
     """o [B, L, H, V'] -> float32 [B, L, H, V]: Based division, Mamba2 skip D_h v."""

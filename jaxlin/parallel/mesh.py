@@ -2,7 +2,8 @@
 
     mesh axes   data      pure data parallel: parameters replicated
                 fsdp      data parallel with parameters and optimizer state sharded (FSDP)
-                sequence  the sequence axis of the batch (LASP-2: not built yet, must be 1)
+                sequence  the sequence axis of the batch: LASP-2 in the linear layers
+                          (`lasp2.py`), XLA's partitioning elsewhere
                 expert    MoE experts sharded; also a data-parallel axis for everything else
                 tensor    attention / linear-attention heads and MLP hidden units (Megatron TP)
 
@@ -62,8 +63,6 @@ def axis_sizes(config: Any, device_count: int) -> dict[str, int]:
     described = " x ".join(f"{a}={s}" for a, s in sizes.items() if s > 1) or "1"
     validation.fail("mesh", described, f"sizes whose product is the device count "
                     f"{device_count} (got {total}); set one axis to -1 to take the rest")
-  validation.require(sizes["sequence"] == 1, "mesh.sequence", sizes["sequence"],
-                     "1: sequence parallelism (LASP-2) is not built yet")
   return sizes
 
 

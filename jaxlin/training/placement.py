@@ -46,10 +46,14 @@ class Placement:
 
 
 def check_mesh(mesh: Mesh, model_config: ModelConfig, batch_size: int,
-               accumulation_steps: int = 1) -> None:
-  """The mesh must divide the batch (and each micro-batch), the heads and the experts."""
+               accumulation_steps: int = 1, seq_len: int | None = None) -> None:
+  """The mesh must divide the batch (and each micro-batch), the sequence (LASP-2 spans), the
+  heads and the experts."""
   sizes = dict(mesh.shape)
   parallel.check_batch(sizes, batch_size)
+  if seq_len is not None:
+    validation.require(seq_len % sizes["sequence"] == 0, "data.seq_len", seq_len,
+                       f"a multiple of mesh.sequence={sizes['sequence']} (one span per shard)")
   parallel.check_batch(sizes, batch_size // max(accumulation_steps, 1),
                        "data.batch_size / train.accumulation_steps")
   for field, value in (("num_heads", model_config.num_heads),
@@ -63,12 +67,12 @@ def check_mesh(mesh: Mesh, model_config: ModelConfig, batch_size: int,
 
 def make_placement(mesh_config: ml_collections.ConfigDict | None, model_config: ModelConfig,
                    tx: optax.GradientTransformation, *, batch_size: int,
-                   accumulation_steps: int = 1,
+                   accumulation_steps: int = 1, seq_len: int | None = None,
                    devices: list[jax.Device] | None = None) -> Placement:
   """The Placement of `model_config` + `tx` on the mesh of `mesh_config` (None: defaults)."""
   mesh_config = mesh_config if mesh_config is not None else parallel.mesh.default_config()
   mesh = parallel.make_mesh(mesh_config, devices)
-  check_mesh(mesh, model_config, batch_size, accumulation_steps)
+  check_mesh(mesh, model_config, batch_size, accumulation_steps, seq_len)
   rules = parallel.parse_rules(mesh_config.get("rules", ""))
   abstract = steps.abstract_params(model_config)[1]
   params = parallel.param_shardings(abstract, mesh, rules)

@@ -231,7 +231,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
 
   place = placement.make_placement(config.get("mesh"), model_config, tx,
                                    batch_size=config.data.batch_size,
-                                   accumulation_steps=config.train.accumulation_steps)
+                                   accumulation_steps=config.train.accumulation_steps,
+                                   seq_len=config.data.seq_len)
   graphdef = steps.abstract_params(model_config)[0]
   abstract = placement.abstract_state(place, model_config, tx)
   with contextlib.ExitStack() as resources:  # closed on any exit, errors included

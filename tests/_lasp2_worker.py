@@ -11,6 +11,14 @@ the head inputs and the initial state), on batch 2 with packed documents (row 0:
 ending exactly at the middle, one spanning the rest; row 1: one document per eighth, the last
 eighth padding) and an initial state. Also the all-gathers of the compiled forward and their
 bytes at two lengths.
+
+The "ppermute_scan" collective (log-depth prefix scan) on the same packed batch, 2 and 8 shards.
+
+Layers ("layers"): every linear variant (HGRN2 also with its short conv), MoM over GLA and
+Gated DeltaNet and softmax attention (plain, sliding window, GQA) on the packed batch, one
+device against sequence 2, 4, 8: y and the gradients of x and of every parameter; a causality
+probe (token T/2, a shard boundary, changed: no earlier output moves) and the collectives of a
+Gated DeltaNet layer's compiled forward (one all-gather, the conv halo's collective-permute).
 """
 from __future__ import annotations
 
@@ -27,11 +35,17 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from flax import nnx  # noqa: E402
+
 from jaxlin import parallel  # noqa: E402
+from jaxlin.layers import MixtureOfMemories  # noqa: E402
+from jaxlin.layers.attention import SoftmaxAttention  # noqa: E402
+from jaxlin.layers.linear_attention import VARIANTS, LinearAttention  # noqa: E402
 from jaxlin.ops.families import FAMILIES  # noqa: E402
 from jaxlin.parallel import lasp2  # noqa: E402
 
 B, T, H, K, V = 2, 32, 2, 8, 8
+FAST_COMPILE = {"xla_backend_optimization_level": 0}   # tiny shapes: compile time dominates
 CHUNK = 16
 # case -> (family, per-token input shapes ("h": [B, T, H], "hk": [B, T, H, K]), head inputs)
 CASES: dict[str, tuple[str, dict[str, str], tuple[str, ...]]] = {
@@ -86,7 +100,8 @@ def segment_ids(time: int = T) -> jnp.ndarray:
   return jnp.asarray(np.stack([row0, row1]), jnp.int32)
 
 
-def run(case: str, x: dict[str, Any], seg: jnp.ndarray | None, mesh: Any) -> Any:
+def run(case: str, x: dict[str, Any], seg: jnp.ndarray | None, mesh: Any,
+        collective: str = "all_gather") -> Any:
   """(o, final, gradients of every input) of the op, on `mesh` (LASP-2) or one device (None)."""
   family = FAMILIES[CASES[case][0]]
   rng = np.random.default_rng(7)
@@ -99,11 +114,11 @@ def run(case: str, x: dict[str, Any], seg: jnp.ndarray | None, mesh: Any) -> Any
                                  output_final_state=True, chunk_size=CHUNK, impl="xla")
     return jnp.sum(o * w_o) + jnp.sum(final * w_s), (o, final)
 
-  fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  fn = jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=FAST_COMPILE)
   if mesh is None:
     (_, (o, final)), grads = fn(x)
   else:
-    with parallel.activations_on(mesh):
+    with parallel.activations_on(mesh, options={"sequence_collective": collective}):
       (_, (o, final)), grads = fn(x)
   return jax.tree.map(np.asarray, (o, final, grads))
 
@@ -115,11 +130,12 @@ def relative(a: Any, b: Any) -> float:
   return diff / max(scale, 1e-30)
 
 
-def compare(case: str, mesh_name: str, decay: str = "normal", packed: bool = True) -> dict:
+def compare(case: str, mesh_name: str, decay: str = "normal", packed: bool = True,
+            collective: str = "all_gather") -> dict:
   x = inputs(case, decay=decay)
   seg = segment_ids() if packed else None
   want = run(case, x, seg, None)
-  got = run(case, x, seg, make_mesh(MESHES[mesh_name]))
+  got = run(case, x, seg, make_mesh(MESHES[mesh_name]), collective)
   finite = all(bool(np.all(np.isfinite(a))) for a in jax.tree.leaves(got))
   return {"o": relative(got[0], want[0]), "final": relative(got[1], want[1]),
           "grads": {name: relative(got[2][name], want[2][name]) for name in want[2]
@@ -149,6 +165,85 @@ def all_gathers(case: str, time: int, packed: bool) -> dict[str, Any]:
   return {"count": len(lines), "bytes": sizes}
 
 
+D = 32
+LAYERS: dict[str, Any] = {
+    **{name: (lambda name=name: LinearAttention(D, H, variant=name, chunk_size=CHUNK,
+                                                rngs=nnx.Rngs(0))) for name in VARIANTS},
+    "hgrn2+conv": lambda: LinearAttention(D, H, variant="hgrn2", use_short_conv=True,
+                                          chunk_size=CHUNK, rngs=nnx.Rngs(0)),
+    "mom-gla": lambda: MixtureOfMemories(D, H, core="gla", chunk_size=CHUNK, rngs=nnx.Rngs(0)),
+    "mom-gated_deltanet": lambda: MixtureOfMemories(D, H, core="gated_deltanet",
+                                                    chunk_size=CHUNK, rngs=nnx.Rngs(0)),
+    "softmax": lambda: SoftmaxAttention(D, 4, num_kv_heads=2, rngs=nnx.Rngs(0)),
+    "softmax_window": lambda: SoftmaxAttention(D, 4, window=5, rngs=nnx.Rngs(0)),
+}
+
+
+def perturbed(layer: nnx.Module) -> nnx.Module:
+  """Every parameter + 0.1 N(0, 1): zero-initialised parts matter."""
+  params = nnx.state(layer, nnx.Param)
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  nnx.update(layer, jax.tree.unflatten(
+      tree, [p + 0.1 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]))
+  return layer
+
+
+def layer_run(layer: nnx.Module, x: jnp.ndarray, seg: jnp.ndarray | None, mesh: Any) -> Any:
+  """(y, gradients of x and of every parameter) of sum(y * w), on `mesh` or one device."""
+  graph, params, rest = nnx.split(layer, nnx.Param, ...)
+  w = jnp.asarray(np.random.default_rng(5).normal(size=x.shape), jnp.float32)
+
+  def loss(params, x):
+    y = nnx.merge(graph, params, rest)(x, segment_ids=seg).y
+    return jnp.sum(y * w), y
+
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True),
+               compiler_options=FAST_COMPILE)
+  if mesh is None:
+    (_, y), grads = fn(params, x)
+  else:
+    with parallel.activations_on(mesh):
+      (_, y), grads = fn(params, x)
+  return jax.tree.map(np.asarray, (y, grads))
+
+
+def compare_layer(name: str) -> dict[str, Any]:
+  layer = perturbed(LAYERS[name]())
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(B, T, D)), jnp.float32)
+  seg = segment_ids()
+  want = layer_run(layer, x, seg, None)
+  out = {}
+  for mesh_name in ("sequence2", "sequence4", "sequence8"):
+    got = layer_run(layer, x, seg, make_mesh(MESHES[mesh_name]))
+    out[mesh_name] = {"y": relative(got[0], want[0]), "dx": relative(got[1][1], want[1][1]),
+                      "dparams": relative(got[1][0], want[1][0])}
+  return out
+
+
+def causality(name: str) -> float:
+  """max |y_t| change for t < T/2 when token T/2 (the start of span 2 of 4) changes."""
+  layer = perturbed(LAYERS[name]())
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(B, T, D)), jnp.float32)
+  changed = x.at[:, T // 2].add(1.0)
+  with parallel.activations_on(make_mesh(MESHES["sequence4"])):
+    run = jax.jit(lambda x: layer(x).y)
+    before, after = run(x), run(changed)
+  moved_later = float(jnp.max(jnp.abs(after[:, T // 2:] - before[:, T // 2:])))
+  assert moved_later > 0, name   # the probe reaches the layer
+  return float(jnp.max(jnp.abs(after[:, :T // 2] - before[:, :T // 2])))
+
+
+def layer_collectives(name: str) -> dict[str, int]:
+  layer = LAYERS[name]()
+  x = jnp.zeros((B, T, D), jnp.float32)
+  with parallel.activations_on(make_mesh(MESHES["sequence4"])):
+    hlo = jax.jit(lambda x: layer(x).y).lower(x).compile().as_text()
+  count = lambda op: len(re.findall(rf"\b{op}(-start)?\(", hlo))
+  return {op: count(op) for op in ("all-gather", "collective-permute", "all-reduce",
+                                   "all-to-all", "reduce-scatter")}
+
+
 def main() -> None:
   results: dict[str, Any] = {"compare": {}, "extreme": {}, "unpacked": {}}
   for case in CASES:
@@ -158,10 +253,19 @@ def main() -> None:
     for decay in ("none", "full"):
       results["extreme"][f"{case}/{decay}"] = compare(case, "sequence8", decay=decay)
     results["unpacked"][case] = compare(case, "sequence4", packed=False)
+  results["ppermute_scan"] = {f"{case}/{mesh_name}": compare(case, mesh_name,
+                                                             collective="ppermute_scan")
+                              for case in ("gated_bonus", "delta_removal")
+                              for mesh_name in ("sequence2", "sequence8", "data2_sequence4")}
   results["all_gathers"] = {
       f"{case}/T{time}/{'packed' if packed else 'unpacked'}": all_gathers(case, time, packed)
       for case in ("gated_per_key", "delta_gated") for time in (64, 512)
       for packed in (False, True)}
+  results["layers"] = {name: compare_layer(name) for name in LAYERS}
+  results["causality"] = {name: causality(name)
+                          for name in ("gla", "gated_deltanet", "mom-gated_deltanet", "softmax")}
+  results["layer_collectives"] = {name: layer_collectives(name)
+                                  for name in ("gated_deltanet", "gla", "softmax")}
   print(json.dumps(results))
 
 

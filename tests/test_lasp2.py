@@ -8,7 +8,10 @@ one-device op on sequence 2, 4, 8 and data 2 x sequence 4, batch 2 with packed d
 shard) and an initial state; extreme decays (a gate of -30 per token: no memory; -1e-6: none
 forgotten) over 8 shards; and the compiled forward's all-gathers: one of the T-independent
 (M, N) summaries (two with packed documents: the spans' first and last segment ids), the same
-bytes at T = 64 and T = 512.
+bytes at T = 64 and T = 512; the "ppermute_scan" collective likewise; every layer (12 linear
+variants, HGRN2 with its conv, MoM over GLA and Gated DeltaNet, softmax with GQA and with a
+window) against one device on sequence 2, 4, 8; a causality probe across a shard boundary; the
+collectives of one linear layer's forward. And run.py on data 2 x sequence 4.
 """
 from __future__ import annotations
 
@@ -46,13 +49,41 @@ def _worst(entry: dict[str, Any]) -> float:
 def test_sequence_parallel_op_equals_one_device() -> None:
   results = _results()
   for section, bound in (("compare", TOLERANCE), ("unpacked", TOLERANCE),
-                         ("extreme", EXTREME_TOLERANCE)):
+                         ("ppermute_scan", TOLERANCE), ("extreme", EXTREME_TOLERANCE)):
     assert results[section], section
     for name, entry in results[section].items():
       assert entry["finite"], (section, name)
       assert _worst(entry) < bound, (section, name, entry)
   grads = {n for entry in results["compare"].values() for n in entry["grads"]}
   assert {"q", "k", "v", "inputs", "initial_state", "head_inputs"} <= grads
+
+
+@pytest.mark.slow
+def test_every_layer_equals_one_device_with_the_sequence_split() -> None:
+  """Every linear variant, MoM over GLA and Gated DeltaNet and softmax attention (GQA, sliding
+  window): y and the gradients of x and of every parameter, sequence 2, 4 and 8."""
+  layers = _results()["layers"]
+  assert len(layers) == 17, sorted(layers)
+  for name, meshes in layers.items():
+    assert sorted(meshes) == ["sequence2", "sequence4", "sequence8"], name
+    for mesh, errors in meshes.items():
+      assert max(errors.values()) < TOLERANCE, (name, mesh, errors)
+
+
+@pytest.mark.slow
+def test_no_output_sees_a_later_token_across_shards() -> None:
+  for name, moved in _results()["causality"].items():
+    assert moved == 0.0, (name, moved)
+
+
+@pytest.mark.slow
+def test_a_linear_layer_forward_moves_one_all_gather_and_one_halo() -> None:
+  collectives = _results()["layer_collectives"]
+  for name in ("gated_deltanet", "gla"):   # gla has no short conv: no halo
+    want = {"all-gather": 1, "collective-permute": int(name == "gated_deltanet")}
+    assert {k: collectives[name][k] for k in want} == want, (name, collectives[name])
+    assert collectives[name]["all-reduce"] == collectives[name]["all-to-all"] == 0, name
+  assert collectives["softmax"]["all-gather"] == 2    # LASP-2H: K and V
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ from jaxlin.layers.norm import RMSNorm
 from jaxlin.layers.rope import apply_rope, check_scaling
 from jaxlin.ops import documents
 from jaxlin.ops.attention import IMPLS, dot_product_attention
+from jaxlin.parallel import lasp2
 
 f32 = jnp.float32
 EMPTY_SLOT = 2 ** 30  # position given to never-written ring slots: after every query
@@ -188,8 +189,8 @@ class SoftmaxAttention(nnx.Module):
       pos, docs = document_positions(segment_ids), documents.document_index(segment_ids)
     q = apply_rope(q, pos, theta=self.rope_theta, scaling=self.rope_scaling)
     k = apply_rope(k, pos, theta=self.rope_theta, scaling=self.rope_scaling)
-    o = dot_product_attention(q, k, v, causal=True, window=self.window, segment_ids_q=docs,
-                              impl=self.impl)
+    # LASP-2H when the active mesh splits the sequence (K, V gathered); one device otherwise
+    o = lasp2.sequence_attention(q, k, v, window=self.window, document_ids=docs, impl=self.impl)
     return o, None
 
   def _attend_with_cache(self, q: jax.Array, k: jax.Array, v: jax.Array,

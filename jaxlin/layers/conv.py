@@ -24,6 +24,7 @@ from flax import nnx
 
 from jaxlin import validation
 from jaxlin.ops import documents
+from jaxlin.parallel import lasp2
 
 f32 = jnp.float32
 
@@ -74,6 +75,7 @@ class ShortConv(nnx.Module):
       segment_ids: jax.Array | None = None,
       state: jax.Array | None = None,
       return_state: bool = False,
+      sequence_axis: bool = True,
   ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Convolve x [B, T, C] over time.
 
@@ -83,6 +85,8 @@ class ShortConv(nnx.Module):
         crosses a change of id.
       state: optional [B, K-1, C] inputs before token 0 (oldest first).
       return_state: also return the new [B, K-1, C] state (x's dtype).
+      sequence_axis: x's T is the model's sequence (the mesh's sequence axis may split it: each
+        span's halo then comes from the previous one); False for other time-like axes.
     Returns:
       y [B, T, C] in x's dtype, or (y, new_state) when return_state.
     """
@@ -90,35 +94,42 @@ class ShortConv(nnx.Module):
     k = self.kernel_size
     if channels != self.channels:
       raise ValueError(f"x has {channels} channels, expected channels={self.channels}")
+    # state rows belong to document 0, the one token 0 belongs to
+    doc = None if segment_ids is None else documents.document_index(segment_ids)
+    if state is None and not return_state and sequence_axis:   # the halo from the previous
+      return lasp2.sequence_conv(self._taps, x, doc, k).astype(x.dtype)   # span under LASP-2
     if state is None:
       state = self.init_state(batch, x.dtype)
     elif state.shape != (batch, k - 1, channels):
       validation.fail("state", f"shape {tuple(state.shape)}",
                       f"[B, K-1, C] = {(batch, k - 1, channels)}")
-    padded = jnp.concatenate([state.astype(f32), x.astype(f32)], axis=1)  # [B, T+K-1, C]
-    weight = self.weight[...].astype(f32)
-    if segment_ids is not None:
-      # state rows belong to document 0, the one token 0 belongs to
-      doc = documents.document_index(segment_ids)
-      padded_doc = jnp.concatenate([jnp.zeros((batch, k - 1), doc.dtype), doc], axis=1)
-
-    y = jnp.zeros((batch, time, channels), f32)
-    for lag in range(k):
-      start = k - 1 - lag
-      tap = padded[:, start:start + time] * weight[k - 1 - lag]
-      if segment_ids is not None:
-        same_doc = padded_doc[:, start:start + time] == doc
-        tap = jnp.where(same_doc[..., None], tap, 0.0)
-      y = y + tap
-    y = self._finish(y).astype(x.dtype)
+    padded = jnp.concatenate([state.astype(x.dtype), x], axis=1)          # [B, T+K-1, C]
+    padded_doc = (None if doc is None else
+                  jnp.concatenate([jnp.zeros((batch, k - 1), doc.dtype), doc], axis=1))
+    y = self._taps(padded, padded_doc, doc).astype(x.dtype)
     if not return_state:
       return y
-
     new_state = padded[:, time:]
-    if segment_ids is not None:
+    if doc is not None:
       keep = padded_doc[:, time:] == doc[:, -1:]
-      new_state = jnp.where(keep[..., None], new_state, 0.0)
+      new_state = jnp.where(keep[..., None], new_state, 0)
     return y, new_state.astype(x.dtype)
+
+  def _taps(self, padded: jax.Array, padded_doc: jax.Array | None,
+            doc: jax.Array | None) -> jax.Array:
+    """y [B, T, C] float32 from the inputs preceded by K-1 earlier ones, padded [B, K-1+T, C]
+    (and their document ids [B, K-1+T] / the tokens' [B, T]; None: one document)."""
+    k = self.kernel_size
+    time = padded.shape[1] - (k - 1)
+    weight = self.weight[...].astype(f32)
+    y = jnp.zeros((padded.shape[0], time, padded.shape[2]), f32)
+    for lag in range(k):
+      start = k - 1 - lag
+      tap = padded[:, start:start + time].astype(f32) * weight[k - 1 - lag]
+      if doc is not None:
+        tap = jnp.where((padded_doc[:, start:start + time] == doc)[..., None], tap, 0.0)
+      y = y + tap
+    return self._finish(y)
 
   def step(self, x_t: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One decoding step: x_t [B, C], state [B, K-1, C] -> (y_t [B, C], new state)."""

@@ -148,7 +148,7 @@ def _stream_conv(conv: ShortConv, x: jax.Array, copies: _Copies, slots: int,
   ids = jnp.zeros((batch, length), jnp.int32).at[copies.rows, real_pos].set(copies.seg)
   prefix_ids = jnp.broadcast_to((slot_ids * copies.stride)[None, :, None], prefix_pos.shape)
   ids = ids.at[copies.rows[..., None], prefix_pos].set(prefix_ids)   # stream m, document 0
-  y = conv(rows, segment_ids=ids)
+  y = conv(rows, segment_ids=ids, sequence_axis=False)   # memory streams, not the sequence
   end = (before + counts + (slot_ids + 1) * p)[..., None]                        # [B, M', 1]
   state = rows[copies.rows[..., None], end - p + jnp.arange(p, dtype=jnp.int32)]
   return y[copies.rows, real_pos], state

@@ -33,7 +33,9 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.data = AUTO            # data-parallel replicas (-1: the devices the other axes leave)
   c.fsdp = 1               # parameters + optimizer state sharded over this many devices
-  c.sequence = 1           # sequence parallelism (LASP-2): 1 until it is built
+  c.sequence = 1           # sequence parallelism (LASP-2): each device holds a span of T
+  c.sequence_collective = "all_gather"  # how the spans' states meet: one all-gather, or
+  #                          "ppermute_scan" (log-depth, memory constant in the shard count)
   c.expert = 1             # MoE experts sharded over this many devices
   c.tensor = 1             # heads / MLP hidden units split over this many devices
   c.rules = ""             # overrides of the sharding rules, "logical=axis+axis,..." (see

@@ -166,18 +166,27 @@ def batch_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...]] | None = Non
 
 # ---------------------------------------------------------------- activations inside a step
 _ACTIVE: list[tuple[Mesh, Mapping[str, tuple[str, ...]]]] = []
+_OPTIONS: list[Mapping[str, Any]] = []
 
 
 @contextlib.contextmanager
-def activations_on(mesh: Mesh, rules: Mapping[str, tuple[str, ...]] | None = None
-                   ) -> Iterator[None]:
+def activations_on(mesh: Mesh, rules: Mapping[str, tuple[str, ...]] | None = None,
+                   options: Mapping[str, Any] | None = None) -> Iterator[None]:
   """While tracing inside this context, `constrain` and `map_over_batch` use `mesh`; outside
-  it they do nothing (one device, tests, decoding)."""
+  it they do nothing (one device, tests, decoding). `options`: how the parallel layers
+  communicate (e.g. {"sequence_collective": "ppermute_scan"}, `active_option`)."""
   _ACTIVE.append((mesh, RULES if rules is None else rules))
+  _OPTIONS.append(dict(options or {}))
   try:
     yield
   finally:
     _ACTIVE.pop()
+    _OPTIONS.pop()
+
+
+def active_option(name: str, default: Any) -> Any:
+  """The innermost `activations_on`'s option `name`, or `default`."""
+  return _OPTIONS[-1].get(name, default) if _OPTIONS else default
 
 
 def _mesh_axes(mesh: Mesh, rules: Mapping[str, tuple[str, ...]], logical: str | None,

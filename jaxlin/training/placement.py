@@ -22,6 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlin import parallel, validation
+from jaxlin.parallel import lasp2
 from jaxlin.config import ModelConfig
 from jaxlin.training import steps
 
@@ -35,6 +36,7 @@ class Placement:
   opt_state: Any                  # tree of NamedSharding like the optimizer state
   batch: NamedSharding
   replicated: NamedSharding
+  options: dict[str, Any] = dataclasses.field(default_factory=dict)   # parallel layers' options
 
   @property
   def state(self) -> steps.TrainState:
@@ -77,8 +79,11 @@ def make_placement(mesh_config: ml_collections.ConfigDict | None, model_config: 
   abstract = steps.abstract_params(model_config)[1]
   params = parallel.param_shardings(abstract, mesh, rules)
   opt_state = parallel.opt_state_shardings(tx, abstract, params, mesh)
+  collective = validation.choice("mesh.sequence_collective",
+                                 mesh_config.get("sequence_collective", "all_gather"),
+                                 tuple(lasp2.COLLECTIVES))
   return Placement(mesh, rules, params, opt_state, parallel.batch_sharding(mesh, rules),
-                   NamedSharding(mesh, PartitionSpec()))
+                   NamedSharding(mesh, PartitionSpec()), {"sequence_collective": collective})
 
 
 def abstract_state(placement: Placement, model_config: ModelConfig,
@@ -119,7 +124,7 @@ def jit_train_step(placement: Placement, graphdef: Any, tx: optax.GradientTransf
 def _on_mesh(placement: Placement, fn: Callable) -> Callable:
   """fn traced with the model's activation constraints on the placement's mesh."""
   def wrapped(*args: Any) -> Any:
-    with parallel.activations_on(placement.mesh, placement.rules):
+    with parallel.activations_on(placement.mesh, placement.rules, placement.options):
       return fn(*args)
   return wrapped
 

@@ -50,6 +50,8 @@ def parse_args() -> argparse.Namespace:
                       help="also: a small model at fsdp 1, 2, 4, 8 (bytes should fall as 1/fsdp)")
   parser.add_argument("--accumulation-steps", type=int, default=None,
                       help="override the configs' train.accumulation_steps")
+  parser.add_argument("--mesh", default="",
+                      help="override the configs' mesh sizes, e.g. 'expert=8,fsdp=-1'")
   parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "scale.json"))
   return parser.parse_args()
 
@@ -131,6 +133,9 @@ def load(name: str) -> tuple[ml_collections.ConfigDict, ModelConfig]:
   config.model.moe_dispatch = "capacity"   # see the module docstring: XLA:CPU's ragged_dot
   if ARGS is not None and ARGS.accumulation_steps is not None:
     config.train.accumulation_steps = ARGS.accumulation_steps
+  for item in filter(None, (ARGS.mesh if ARGS is not None else "").split(",")):
+    axis, size = item.split("=")
+    config.mesh[axis] = int(size)
   return config, model_config_for(config, config.model.vocab_size)
 
 

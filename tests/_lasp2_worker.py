@@ -12,7 +12,8 @@ ending exactly at the middle, one spanning the rest; row 1: one document per eig
 eighth padding) and an initial state. Also the all-gathers of the compiled forward and their
 bytes at two lengths.
 
-The "ppermute_scan" collective (log-depth prefix scan) on the same packed batch, 2 and 8 shards.
+The "ppermute_scan" collective (log-depth prefix scan) on the same packed batch, 2 and 8 shards;
+the GPU Pallas kernels (interpreter, K = V = 16) as each span's op on sequence 4.
 
 Layers ("layers"): every linear variant (HGRN2 also with its short conv), MoM over GLA and
 Gated DeltaNet and softmax attention (plain, sliding window, GQA) on the packed batch, one
@@ -43,6 +44,7 @@ from jaxlin.layers.attention import SoftmaxAttention  # noqa: E402
 from jaxlin.layers.linear_attention import VARIANTS, LinearAttention  # noqa: E402
 from jaxlin.ops.families import FAMILIES  # noqa: E402
 from jaxlin.parallel import lasp2  # noqa: E402
+from pallas_kernels.dispatch import KernelOptions  # noqa: E402
 
 B, T, H, K, V = 2, 32, 2, 8, 8
 FAST_COMPILE = {"xla_backend_optimization_level": 0}   # tiny shapes: compile time dominates
@@ -67,9 +69,11 @@ def make_mesh(sizes: dict[str, int]) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 
-def inputs(case: str, time: int = T, decay: str = "normal") -> dict[str, Any]:
+def inputs(case: str, time: int = T, decay: str = "normal", dims: tuple[int, int] = (K, V)
+           ) -> dict[str, Any]:
   """Random inputs of one case: q, k, v, per-token inputs, head inputs, initial state."""
   family, token_inputs, head_inputs = CASES[case]
+  K, V = dims
   rng = np.random.default_rng(len(case))
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
   k = normal(B, time, H, K)
@@ -101,7 +105,7 @@ def segment_ids(time: int = T) -> jnp.ndarray:
 
 
 def run(case: str, x: dict[str, Any], seg: jnp.ndarray | None, mesh: Any,
-        collective: str = "all_gather") -> Any:
+        collective: str = "all_gather", impl: str = "xla", kernel: Any = None) -> Any:
   """(o, final, gradients of every input) of the op, on `mesh` (LASP-2) or one device (None)."""
   family = FAMILIES[CASES[case][0]]
   rng = np.random.default_rng(7)
@@ -111,7 +115,8 @@ def run(case: str, x: dict[str, Any], seg: jnp.ndarray | None, mesh: Any,
   def loss(x):
     o, final = lasp2.sequence_op(family, x["q"], x["k"], x["v"], x["inputs"], x["head_inputs"],
                                  scale=None, segment_ids=seg, initial_state=x["initial_state"],
-                                 output_final_state=True, chunk_size=CHUNK, impl="xla")
+                                 output_final_state=True, chunk_size=CHUNK, impl=impl,
+                                 kernel=kernel)
     return jnp.sum(o * w_o) + jnp.sum(final * w_s), (o, final)
 
   fn = jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=FAST_COMPILE)
@@ -131,11 +136,12 @@ def relative(a: Any, b: Any) -> float:
 
 
 def compare(case: str, mesh_name: str, decay: str = "normal", packed: bool = True,
-            collective: str = "all_gather") -> dict:
-  x = inputs(case, decay=decay)
+            collective: str = "all_gather", kernel: Any = None) -> dict:
+  x = inputs(case, decay=decay, dims=(16, 16) if kernel else (K, V))
   seg = segment_ids() if packed else None
   want = run(case, x, seg, None)
-  got = run(case, x, seg, make_mesh(MESHES[mesh_name]), collective)
+  got = run(case, x, seg, make_mesh(MESHES[mesh_name]), collective,
+            impl="xla" if kernel is None else "pallas", kernel=kernel)
   finite = all(bool(np.all(np.isfinite(a))) for a in jax.tree.leaves(got))
   return {"o": relative(got[0], want[0]), "final": relative(got[1], want[1]),
           "grads": {name: relative(got[2][name], want[2][name]) for name in want[2]
@@ -253,13 +259,17 @@ def main() -> None:
     for decay in ("none", "full"):
       results["extreme"][f"{case}/{decay}"] = compare(case, "sequence8", decay=decay)
     results["unpacked"][case] = compare(case, "sequence4", packed=False)
+  # the GPU kernels (Pallas interpreter) run each span inside shard_map
+  interpreted = KernelOptions(platform="gpu", interpret=True)
+  results["pallas"] = {case: compare(case, "sequence4", kernel=interpreted)
+                       for case in ("gated_per_key", "delta_gated")}
   results["ppermute_scan"] = {f"{case}/{mesh_name}": compare(case, mesh_name,
                                                              collective="ppermute_scan")
                               for case in ("gated_bonus", "delta_removal")
                               for mesh_name in ("sequence2", "sequence8", "data2_sequence4")}
   results["all_gathers"] = {
       f"{case}/T{time}/{'packed' if packed else 'unpacked'}": all_gathers(case, time, packed)
-      for case in ("gated_per_key", "delta_gated") for time in (64, 512)
+      for case in ("gated_per_key", "delta_gated") for time in (1024, 8192)
       for packed in (False, True)}
   results["layers"] = {name: compare_layer(name) for name in LAYERS}
   results["causality"] = {name: causality(name)

@@ -8,7 +8,7 @@ one-device op on sequence 2, 4, 8 and data 2 x sequence 4, batch 2 with packed d
 shard) and an initial state; extreme decays (a gate of -30 per token: no memory; -1e-6: none
 forgotten) over 8 shards; and the compiled forward's all-gathers: one of the T-independent
 (M, N) summaries (two with packed documents: the spans' first and last segment ids), the same
-bytes at T = 64 and T = 512; the "ppermute_scan" collective likewise; every layer (12 linear
+bytes at T = 1024 and T = 8192; the GPU Pallas kernels (interpreter) as each span's op; the "ppermute_scan" collective likewise; every layer (12 linear
 variants, HGRN2 with its conv, MoM over GLA and Gated DeltaNet, softmax with GQA and with a
 window) against one device on sequence 2, 4, 8; a causality probe across a shard boundary; the
 collectives of one linear layer's forward. And run.py on data 2 x sequence 4.
@@ -49,7 +49,8 @@ def _worst(entry: dict[str, Any]) -> float:
 def test_sequence_parallel_op_equals_one_device() -> None:
   results = _results()
   for section, bound in (("compare", TOLERANCE), ("unpacked", TOLERANCE),
-                         ("ppermute_scan", TOLERANCE), ("extreme", EXTREME_TOLERANCE)):
+                         ("ppermute_scan", TOLERANCE), ("pallas", TOLERANCE),
+                         ("extreme", EXTREME_TOLERANCE)):
     assert results[section], section
     for name, entry in results[section].items():
       assert entry["finite"], (section, name)
@@ -72,8 +73,11 @@ def test_every_layer_equals_one_device_with_the_sequence_split() -> None:
 
 @pytest.mark.slow
 def test_no_output_sees_a_later_token_across_shards() -> None:
+  """Exactly 0 for the layers; MoM within float32 rounding (outputs are O(1)): a later token's
+  routing moves where earlier tokens' copies sit in the sorted stream, so their chunk
+  boundaries and sum order change (measured 1.2e-7), as on one device."""
   for name, moved in _results()["causality"].items():
-    assert moved == 0.0, (name, moved)
+    assert moved <= (1e-6 if name.startswith("mom") else 0.0), (name, moved)
 
 
 @pytest.mark.slow
@@ -91,7 +95,7 @@ def test_one_all_gather_of_t_independent_bytes() -> None:
   gathers = _results()["all_gathers"]
   for case in ("gated_per_key", "delta_gated"):
     for packed, count in (("unpacked", 1), ("packed", 2)):
-      short, long = (gathers[f"{case}/T{t}/{packed}"] for t in (64, 512))
+      short, long = (gathers[f"{case}/T{t}/{packed}"] for t in (1024, 8192))
       assert short["count"] == long["count"] == count, (case, packed, short, long)
       assert short["bytes"] == long["bytes"], (case, packed, short, long)
 

@@ -134,6 +134,7 @@ def delta_span_summary(
     segment_ids: jax.Array | None = None,
     chunk_size: int = 64,
     impl: str = "xla",
+    kernel: dispatch.KernelOptions | None = None,
 ) -> span.SpanSummary:
   """The span's affine effect on the state, S_end = M S_start + N (`jaxlin.ops.span`).
 
@@ -148,7 +149,7 @@ def delta_span_summary(
   """
   _, final = delta_rule(jnp.zeros_like(k), k, v, beta, g, removal_key=removal_key,
                         removal=removal, segment_ids=segment_ids, output_final_state=True,
-                        chunk_size=chunk_size, impl=impl)
+                        chunk_size=chunk_size, impl=impl, kernel=kernel)
   cast = lambda x: None if x is None else x.astype(f32)
   k32, beta32 = cast(k), cast(beta)
   p = k32 if removal_key is None else cast(removal_key)

@@ -121,6 +121,7 @@ def gated_span_summary(
     segment_ids: jax.Array | None = None,
     chunk_size: int = 64,
     impl: str = "xla",
+    kernel: dispatch.KernelOptions | None = None,
 ) -> span.SpanSummary:
   """The span's affine effect on the state, S_end = M S_start + N (`jaxlin.ops.span`).
 
@@ -134,7 +135,8 @@ def gated_span_summary(
   del bonus
   batch, _, heads, key_dim = k.shape
   _, final = gated_linear_attention(jnp.zeros_like(k), k, v, g, segment_ids=segment_ids,
-                                    output_final_state=True, chunk_size=chunk_size, impl=impl)
+                                    output_final_state=True, chunk_size=chunk_size, impl=impl,
+                                    kernel=kernel)
   if g is None:
     total = jnp.zeros((batch, heads, key_dim), f32)
   else:

@@ -143,14 +143,15 @@ def lasp2_span(family: Family, q: jax.Array, k: jax.Array, v: jax.Array,
                inputs: dict[str, jax.Array], head_inputs: dict[str, jax.Array], *,
                axis: tuple[str, ...], scale: float | None, segment_ids: jax.Array | None,
                initial_state: jax.Array | None, chunk_size: int, impl: str,
-               collective: str = "all_gather") -> tuple[jax.Array, jax.Array]:
+               collective: str = "all_gather", kernel: Any = None
+               ) -> tuple[jax.Array, jax.Array]:
   """One shard's part of `sequence_op` (inside shard_map over `axis`): (o [B, T_r, H, V],
   the final state of the whole sequence [B, H, K, V] float32)."""
   summary = family.span_summary(k, v, **inputs, **head_inputs, segment_ids=segment_ids,
-                                chunk_size=chunk_size, impl=impl)
+                                chunk_size=chunk_size, impl=impl, kernel=kernel)
   incoming, final = COLLECTIVES[collective](summary, initial_state, axis, segment_ids)
   o, _ = family.op(q, k, v, **inputs, **head_inputs, scale=scale, segment_ids=segment_ids,
-                   chunk_size=chunk_size, impl=impl, initial_state=incoming,
+                   chunk_size=chunk_size, impl=impl, kernel=kernel, initial_state=incoming,
                    output_final_state=True)
   return o, final
 
@@ -159,12 +160,13 @@ def sequence_op(family: Family, q: jax.Array, k: jax.Array, v: jax.Array,
                 inputs: dict[str, jax.Array], head_inputs: dict[str, jax.Array], *,
                 scale: float | None, segment_ids: jax.Array | None,
                 initial_state: jax.Array | None, output_final_state: bool, chunk_size: int,
-                impl: str) -> tuple[jax.Array, jax.Array | None]:
+                impl: str, kernel: Any = None) -> tuple[jax.Array, jax.Array | None]:
   """family.op(q, k, v, **inputs, **head_inputs, ...) with T split over the active mesh's
   sequence axes (`sharding.activations_on`), LASP-2; the op itself without such an axis.
 
   q, k [B, T, H, K], v [B, T, H, V], per-token inputs [B, T, H(, K)], head inputs [H, ...],
-  segment_ids [B, T], initial_state [B, H, K, V]. Returns (o [B, T, H, V], final state or None).
+  segment_ids [B, T], initial_state [B, H, K, V]; kernel: the op's `KernelOptions` (each span's
+  op call takes them). Returns (o [B, T, H, V], final state or None).
   """
   op_kwargs = dict(scale=scale, chunk_size=chunk_size, impl=impl)
   batch, time, heads = k.shape[:3]
@@ -172,7 +174,7 @@ def sequence_op(family: Family, q: jax.Array, k: jax.Array, v: jax.Array,
   if not axis:
     return family.op(q, k, v, **inputs, **head_inputs, segment_ids=segment_ids,
                      initial_state=initial_state, output_final_state=output_final_state,
-                     **op_kwargs)
+                     kernel=kernel, **op_kwargs)
   mesh = sharding.active_mesh()
   shards = math.prod(mesh.shape[a] for a in axis)
   validation.require(time % shards == 0, "sequence length", time,
@@ -193,7 +195,7 @@ def sequence_op(family: Family, q: jax.Array, k: jax.Array, v: jax.Array,
   def body(q, k, v, inputs, head_inputs, segment_ids, initial_state):
     return lasp2_span(family, q, k, v, inputs, head_inputs, axis=axis,
                       segment_ids=segment_ids, initial_state=initial_state,
-                      collective=collective, **op_kwargs)
+                      collective=collective, kernel=kernel, **op_kwargs)
 
   in_specs = (tokens, tokens, tokens, {n: spec(a) for n, a in inputs.items()},
               {n: PartitionSpec(split_heads) for n in head_inputs},

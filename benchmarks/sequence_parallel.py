@@ -6,7 +6,7 @@
 One recurrence (the delta family with a scalar gate: Gated DeltaNet's op; B=1, H=4, K=V=64,
 float32, chunk 64) with its sequence split 8 ways, forward + backward, four ways:
 
-* lasp2          `jaxlin.parallel.lasp2`: ONE all_gather of every span's (M, N) (M is K x K
+* lasp2          `jaxlin.ops.lasp2`: ONE all_gather of every span's (M, N) (M is K x K
                  for the delta family), a fold, the op per span;
 * lasp2_scan     the same with the "ppermute_scan" collective (log2(P) ppermute rounds);
 * ring           LASP-1's pattern (registered here as a collective): the state passes from
@@ -49,9 +49,10 @@ from matplotlib.figure import Figure  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from jaxlin import parallel  # noqa: E402
+from jaxlin.ops import lasp2  # noqa: E402
 from jaxlin.ops.families import FAMILIES  # noqa: E402
 from jaxlin.ops.span import SpanSummary  # noqa: E402
-from jaxlin.parallel import lasp2, sharding  # noqa: E402
+from jaxlin.parallel import sharding  # noqa: E402
 
 matplotlib.use("Agg")
 B, H, K, V, CHUNK, SHARDS = 1, 4, 64, 64, 64, 8
@@ -122,11 +123,22 @@ def loss_fn(method: str) -> Callable[[dict[str, Any]], jax.Array]:
   return loss
 
 
+def moves_data(line: str) -> bool:
+  """False for a collective over one-device groups (replica_groups={{0},{1},..}: shard_map's
+  transpose emits such no-op all-reduces over the mesh axes of size 1)."""
+  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)   # [groups, size]<=[devices]
+  if iota:
+    return int(iota.group(2)) > 1
+  groups = re.search(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}", line)
+  return groups is None or any("," in g for g in re.findall(r"\{([\d,]*)\}", groups.group(1)))
+
+
 def collective_bytes(hlo: str) -> dict[str, int]:
+  """Bytes of the results of the collectives that move data (per device, per step)."""
   out = dict.fromkeys(COLLECTIVES, 0)
   for line in hlo.splitlines():
     for kind in COLLECTIVES:
-      if re.search(rf"\b{kind}(-start)?\(", line) and "=" in line:
+      if re.search(rf"\b{kind}(-start)?\(", line) and "=" in line and moves_data(line):
         lhs = line.split("=", 1)[1].split(kind)[0]
         out[kind] += sum(math.prod(int(d) for d in dims.split(",") if d) * BYTES.get(t, 4)
                          for t, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", lhs))
@@ -139,9 +151,11 @@ def measure(method: str, time_len: int, shards: int, runs: int) -> dict[str, Any
   mesh = jax.make_mesh(shape, parallel.AXES, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
   collective = {"lasp2": "all_gather", "lasp2_scan": "ppermute_scan"}.get(method, "ring")
-  x = inputs(time_len)
+  # every [B, T, ...] input (and its gradient) lives split over the sequence, as in a model
+  spans = jax.sharding.NamedSharding(mesh, PartitionSpec(None, "sequence"))
+  x = jax.device_put(inputs(time_len), spans)
   with sharding.activations_on(mesh, options={"sequence_collective": collective}):
-    step = jax.jit(jax.grad(loss_fn(method)))
+    step = jax.jit(jax.grad(loss_fn(method)), in_shardings=(spans,), out_shardings=spans)
     compiled = step.lower(x).compile()
   memory = compiled.memory_analysis()
   moved = collective_bytes(compiled.as_text())

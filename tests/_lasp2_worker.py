@@ -43,7 +43,7 @@ from jaxlin.layers import MixtureOfMemories  # noqa: E402
 from jaxlin.layers.attention import SoftmaxAttention  # noqa: E402
 from jaxlin.layers.linear_attention import VARIANTS, LinearAttention  # noqa: E402
 from jaxlin.ops.families import FAMILIES  # noqa: E402
-from jaxlin.parallel import lasp2  # noqa: E402
+from jaxlin.ops import lasp2  # noqa: E402
 from pallas_kernels.dispatch import KernelOptions  # noqa: E402
 
 B, T, H, K, V = 2, 32, 2, 8, 8

@@ -1,4 +1,4 @@
-"""LASP-2 (`jaxlin.parallel.lasp2`): a recurrence with its sequence split over the `sequence`
+"""LASP-2 (`jaxlin.ops.lasp2`): a recurrence with its sequence split over the `sequence`
 mesh axis equals the one-device op, for every family and gate kind.
 
 The slow test runs tests/_lasp2_worker.py in a fresh interpreter with 8 fake CPU devices (see

@@ -39,7 +39,7 @@ from jaxlin.layers.norm import RMSNorm
 from jaxlin.layers.rope import apply_rope, check_scaling
 from jaxlin.ops import documents
 from jaxlin.ops.attention import IMPLS, dot_product_attention
-from jaxlin.parallel import lasp2
+from jaxlin.ops import lasp2
 
 f32 = jnp.float32
 EMPTY_SLOT = 2 ** 30  # position given to never-written ring slots: after every query

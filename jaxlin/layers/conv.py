@@ -24,7 +24,7 @@ from flax import nnx
 
 from jaxlin import validation
 from jaxlin.ops import documents
-from jaxlin.parallel import lasp2
+from jaxlin.ops import lasp2
 
 f32 = jnp.float32
 

@@ -52,7 +52,7 @@ from jaxlin.layers.conv import ShortConv
 from jaxlin.layers.norm import l2_normalise, rms_normalise
 from jaxlin.layers.rope import apply_rope
 from jaxlin.ops.families import FAMILIES, Family
-from jaxlin.parallel import lasp2
+from jaxlin.ops import lasp2
 
 f32 = jnp.float32
 

@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlin import parallel, validation
-from jaxlin.parallel import lasp2
+from jaxlin.ops import lasp2
 from jaxlin.config import ModelConfig
 from jaxlin.training import steps
 

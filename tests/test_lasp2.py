@@ -28,6 +28,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # float32 agreement: the fold and the per-shard op reorder sums of products (measured <= 4.1e-7
 # relative to the largest value of each array); a lost span or a wrong reset is off by O(1)
 TOLERANCE = 1e-5
+# a layer's gradients pass its norms and Based/ReBased's division, which amplify the op's
+# float32 reassociation (measured up to 6.8e-6: rebased dx, jax 0.12.1; 1.2e-6 on jax 0.10.2)
+LAYER_TOLERANCE = 5e-5
 # gates of -30 per token: gradients of g are sums of terms that cancel to exp(-30)-scale values
 # (measured 1.0e-5); a dropped or doubled state is off by O(1)
 EXTREME_TOLERANCE = 1e-4
@@ -68,7 +71,7 @@ def test_every_layer_equals_one_device_with_the_sequence_split() -> None:
   for name, meshes in layers.items():
     assert sorted(meshes) == ["sequence2", "sequence4", "sequence8"], name
     for mesh, errors in meshes.items():
-      assert max(errors.values()) < TOLERANCE, (name, mesh, errors)
+      assert max(errors.values()) < LAYER_TOLERANCE, (name, mesh, errors)
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ MODELS = {
 }
 MESHES = {"fsdp8": dict(fsdp=8, data=1), "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
           "data2_expert4": dict(data=2, expert=4),
-          "data2_sequence2_expert2": dict(data=2, sequence=2, expert=2)}
+          "fsdp2_sequence2_expert2": dict(data=1, fsdp=2, sequence=2, expert=2)}
 B, T = 8, 16
 
 

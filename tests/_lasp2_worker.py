@@ -16,7 +16,8 @@ The "ppermute_scan" collective (log-depth prefix scan) on the same packed batch,
 the GPU Pallas kernels (interpreter, K = V = 16) as each span's op on sequence 4.
 
 Layers ("layers"): every linear variant (HGRN2 also with its short conv), MoM over GLA and
-Gated DeltaNet and softmax attention (plain, sliding window, GQA) on the packed batch, one
+Gated DeltaNet, softmax attention (plain, sliding window, GQA) and Liger Attention (GLA +
+a window, GQA) on the packed batch, one
 device against sequence 2, 4, 8: y and the gradients of x and of every parameter; a causality
 probe (token T/2, a shard boundary, changed: no earlier output moves) and the collectives of a
 Gated DeltaNet layer's compiled forward (one all-gather, the conv halo's collective-permute).
@@ -41,6 +42,7 @@ from flax import nnx  # noqa: E402
 from jaxlin import parallel  # noqa: E402
 from jaxlin.layers import MixtureOfMemories  # noqa: E402
 from jaxlin.layers.attention import SoftmaxAttention  # noqa: E402
+from jaxlin.layers.liger import LigerAttention  # noqa: E402
 from jaxlin.layers.linear_attention import VARIANTS, LinearAttention  # noqa: E402
 from jaxlin.ops.families import FAMILIES  # noqa: E402
 from jaxlin.ops import lasp2  # noqa: E402
@@ -182,6 +184,8 @@ LAYERS: dict[str, Any] = {
                                                     chunk_size=CHUNK, rngs=nnx.Rngs(0)),
     "softmax": lambda: SoftmaxAttention(D, 4, num_kv_heads=2, rngs=nnx.Rngs(0)),
     "softmax_window": lambda: SoftmaxAttention(D, 4, window=5, rngs=nnx.Rngs(0)),
+    "liger_attention": lambda: LigerAttention(D, 4, num_kv_heads=2, liger_window=5,
+                                              chunk_size=CHUNK, rngs=nnx.Rngs(0)),
 }
 
 

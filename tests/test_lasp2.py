@@ -64,10 +64,11 @@ def test_sequence_parallel_op_equals_one_device() -> None:
 
 @pytest.mark.slow
 def test_every_layer_equals_one_device_with_the_sequence_split() -> None:
-  """Every linear variant, MoM over GLA and Gated DeltaNet and softmax attention (GQA, sliding
-  window): y and the gradients of x and of every parameter, sequence 2, 4 and 8."""
+  """Every linear variant, MoM over GLA and Gated DeltaNet, softmax attention (GQA, sliding
+  window) and Liger Attention: y and the gradients of x and of every parameter, sequence 2, 4
+  and 8."""
   layers = _results()["layers"]
-  assert len(layers) == 17, sorted(layers)
+  assert len(layers) == 18, sorted(layers)
   for name, meshes in layers.items():
     assert sorted(meshes) == ["sequence2", "sequence4", "sequence8"], name
     for mesh, errors in meshes.items():

@@ -52,6 +52,7 @@ from jaxlin.layers import base
 from jaxlin.layers.base import Cache, MixerOutput
 from jaxlin.layers.lora import LoRASpec
 from jaxlin.layers.norm import l2_normalise
+from jaxlin.ops import lasp2
 from jaxlin.ops.families import FAMILIES
 
 f32 = jnp.float32
@@ -185,10 +186,11 @@ class LigerAttention(SoftmaxAttention):
                                  state=cache["state"], scale=1.0)
       o_rec = o_rec[:, None]
     else:
-      o_rec, state = family.op(rq, rk, rv, **inputs, scale=1.0, segment_ids=segment_ids,
-                               chunk_size=self.chunk_size, impl=self.recurrent_impl,
-                               initial_state=None if cache is None else cache["state"],
-                               output_final_state=cache is not None)
+      o_rec, state = lasp2.sequence_op(   # LASP-2 when the mesh splits the sequence
+          family, rq, rk, rv, inputs, {}, scale=1.0, segment_ids=segment_ids,
+          chunk_size=self.chunk_size, impl=self.recurrent_impl,
+          initial_state=None if cache is None else cache["state"],
+          output_final_state=cache is not None)
     o = self.recurrent_weight * o_rec.astype(f32)
     if self.liger_window:
       window_cache = None if cache is None else {n: cache[n] for n in ("keys", "values", "length")}

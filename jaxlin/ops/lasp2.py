@@ -170,16 +170,12 @@ def sequence_op(family: Family, q: jax.Array, k: jax.Array, v: jax.Array,
   """
   op_kwargs = dict(scale=scale, chunk_size=chunk_size, impl=impl)
   batch, time, heads = k.shape[:3]
-  axis = sharding.mesh_axes("length")
+  axis, _ = _sequence_axes(time)
   if not axis:
     return family.op(q, k, v, **inputs, **head_inputs, segment_ids=segment_ids,
                      initial_state=initial_state, output_final_state=output_final_state,
                      kernel=kernel, **op_kwargs)
   mesh = sharding.active_mesh()
-  shards = math.prod(mesh.shape[a] for a in axis)
-  validation.require(time % shards == 0, "sequence length", time,
-                     f"a multiple of the sequence shards {shards} ("
-                     + " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axis) + ")")
   if segment_ids is not None:
     arguments.check_segment_ids(segment_ids, batch, time)
   rows = sharding.mesh_axes("batch", batch) or None

@@ -20,8 +20,8 @@ Inside `jax.shard_map`, per shard:
 The backward is JAX's transpose of the same program (the all_gather's is a reduce-scatter).
 Outside an active mesh with a `sequence` axis of size > 1, `sequence_op` is the family's op.
 
-LASP-2H (`sequence_attention`): a softmax layer all-gathers K and V (GQA: the Hkv heads) and
-the document ids over `sequence` and attends from its span's queries at their global
+LASP-2H (`sequence_attention`): a softmax layer all-gathers K and V (GQA: the Hkv heads; one
+packed all-gather) and the document ids over `sequence` and attends from its span's queries at their global
 positions (causal, sliding window, documents). The short causal conv (`sequence_conv`) takes
 the (kernel - 1)-token halo of the previous span with one ppermute; a tap reaching into
 another document contributes 0 there as on one device.
@@ -234,8 +234,10 @@ def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int 
     gather = lambda a: jax.lax.all_gather(a, axis, axis=1, tiled=True)
     here = jax.lax.axis_index(axis)
     q_positions = here * span + jnp.arange(span, dtype=jnp.int32)
+    kv = gather(jnp.concatenate([k, v.astype(k.dtype)], axis=-1))   # one collective for both
+    keys, values = kv[..., :k.shape[-1]], kv[..., k.shape[-1]:].astype(v.dtype)
     return dot_product_attention(
-        q, gather(k), gather(v), causal=True, window=window,
+        q, keys, values, causal=True, window=window,
         segment_ids_q=ids, segment_ids_kv=None if ids is None else gather(ids),
         q_positions=q_positions, kv_positions=jnp.arange(time, dtype=jnp.int32), impl=impl)
 

@@ -75,22 +75,26 @@ def _starts_at_span(segment_ids: jax.Array | None, axis: tuple[str, ...], shards
   return jnp.concatenate([jnp.zeros((1, batch), f32), starts], axis=0)
 
 
+def _drop_before(summary: SpanSummary, restart: jax.Array) -> SpanSummary:
+  """The span's map with M = 0 for the rows where restart [B] is 1 (a document starts at the
+  span's first token: the state entering it is dropped)."""
+  keep = (1.0 - restart).reshape(restart.shape + (1,) * (summary.transition.ndim - 1))
+  return SpanSummary(summary.transition * keep, summary.state)
+
+
 def fold_states(summary: SpanSummary, initial_state: jax.Array | None, axis: tuple[str, ...],
                 segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
   """(S_in of this shard, the final state after every span), both [B, H, K, V] float32, from
   this shard's summary and the others' (module docstring, steps 2-3). Inside shard_map."""
-  batch, heads, key_dim, value_dim = summary.state.shape
+  batch = summary.state.shape[0]
   gathered = jax.lax.all_gather(_pack(summary), axis, tiled=False)      # [P, B, H, m + K V]
   shards = gathered.shape[0]
   starts = _starts_at_span(segment_ids, axis, shards, batch)            # [P, B]
-  state = (jnp.zeros((batch, heads, key_dim, value_dim), f32) if initial_state is None
-           else initial_state.astype(f32))
+  state = arguments.state_or_zeros(initial_state, summary.state.shape)
   incoming = []
   for j in range(shards):
     incoming.append(state)
-    span = _unpack(gathered[j], summary)
-    keep = (1.0 - starts[j]).reshape((batch,) + (1,) * (span.transition.ndim - 1))
-    state = SpanSummary(span.transition * keep, span.state).apply(state)
+    state = _drop_before(_unpack(gathered[j], summary), starts[j]).apply(state)
   here = jax.lax.axis_index(axis)
   restart = starts[here].reshape(batch, 1, 1, 1)
   return jnp.stack(incoming)[here] * (1.0 - restart), state
@@ -111,7 +115,7 @@ def scan_states(summary: SpanSummary, initial_state: jax.Array | None, axis: tup
   round d = 1, 2, 4, .. composes each span's map with the one d spans before (Hillis-Steele),
   so a shard holds one (M, N) at a time: memory constant in the shard count, log2(P) + 1
   ppermutes and one all-reduce (the final state) instead of one all-gather of P pairs."""
-  batch, heads, key_dim, value_dim = summary.state.shape
+  batch = summary.state.shape[0]
   shards = math.prod(sharding.active_mesh().shape[a] for a in axis)
   here = jax.lax.axis_index(axis)
   shift = lambda a, d: jax.lax.ppermute(a, axis, perm=[(i, i + d) for i in range(shards - d)])
@@ -120,16 +124,14 @@ def scan_states(summary: SpanSummary, initial_state: jax.Array | None, axis: tup
   else:   # this span's first token starts a document: the state before it is dropped
     before = shift(segment_ids[:, -1], 1)
     restart = ((segment_ids[:, 0] != before) & (here > 0)).astype(f32)
-  keep = (1.0 - restart).reshape((batch,) + (1,) * (summary.transition.ndim - 1))
-  total = SpanSummary(summary.transition * keep, summary.state)
+  total = _drop_before(summary, restart)
   d = 1
   while d < shards:
     earlier = _unpack(shift(_pack(total), d), total)
     total = jax.tree.map(lambda new, old: jnp.where(here >= d, new, old),
                          _compose(total, earlier), total)
     d *= 2
-  start = (jnp.zeros((batch, heads, key_dim, value_dim), f32) if initial_state is None
-           else initial_state.astype(f32))
+  start = arguments.state_or_zeros(initial_state, summary.state.shape)
   end = total.apply(start)                        # the state after this span
   incoming = jnp.where(here == 0, start, shift(end, 1)) * (1.0 - restart)[:, None, None, None]
   final = jax.lax.psum(jnp.where(here == shards - 1, end, 0.0), axis)
@@ -137,6 +139,11 @@ def scan_states(summary: SpanSummary, initial_state: jax.Array | None, axis: tup
 
 
 COLLECTIVES = {"all_gather": fold_states, "ppermute_scan": scan_states}
+
+
+def check_collective(name: str) -> str:
+  """`name` if it is a key of COLLECTIVES, else a ValueError naming mesh.sequence_collective."""
+  return validation.choice("mesh.sequence_collective", name, tuple(COLLECTIVES))
 
 
 def lasp2_span(family: Family, q: jax.Array, k: jax.Array, v: jax.Array,
@@ -184,9 +191,7 @@ def sequence_op(family: Family, q: jax.Array, k: jax.Array, v: jax.Array,
   per_row = PartitionSpec(rows, split_heads)
   spec = lambda a: tokens if a.ndim >= 3 else PartitionSpec(rows, axis)
 
-  collective = validation.choice("mesh.sequence_collective",
-                                 sharding.active_option("sequence_collective", "all_gather"),
-                                 tuple(COLLECTIVES))
+  collective = check_collective(sharding.active_option("sequence_collective", "all_gather"))
 
   def body(q, k, v, inputs, head_inputs, segment_ids, initial_state):
     return lasp2_span(family, q, k, v, inputs, head_inputs, axis=axis,

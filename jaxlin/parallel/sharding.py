@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import jax
 import optax
@@ -165,8 +165,14 @@ def batch_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...]] | None = Non
 
 
 # ---------------------------------------------------------------- activations inside a step
-_ACTIVE: list[tuple[Mesh, Mapping[str, tuple[str, ...]]]] = []
-_OPTIONS: list[Mapping[str, Any]] = []
+class _Active(NamedTuple):
+  """One `activations_on` context."""
+  mesh: Mesh
+  rules: Mapping[str, tuple[str, ...]]
+  options: Mapping[str, Any]
+
+
+_ACTIVE: list[_Active] = []
 
 
 @contextlib.contextmanager
@@ -175,18 +181,16 @@ def activations_on(mesh: Mesh, rules: Mapping[str, tuple[str, ...]] | None = Non
   """While tracing inside this context, `constrain` and `map_over_batch` use `mesh`; outside
   it they do nothing (one device, tests, decoding). `options`: how the parallel layers
   communicate (e.g. {"sequence_collective": "ppermute_scan"}, `active_option`)."""
-  _ACTIVE.append((mesh, RULES if rules is None else rules))
-  _OPTIONS.append(dict(options or {}))
+  _ACTIVE.append(_Active(mesh, RULES if rules is None else rules, dict(options or {})))
   try:
     yield
   finally:
     _ACTIVE.pop()
-    _OPTIONS.pop()
 
 
 def active_option(name: str, default: Any) -> Any:
   """The innermost `activations_on`'s option `name`, or `default`."""
-  return _OPTIONS[-1].get(name, default) if _OPTIONS else default
+  return _ACTIVE[-1].options.get(name, default) if _ACTIVE else default
 
 
 def _mesh_axes(mesh: Mesh, rules: Mapping[str, tuple[str, ...]], logical: str | None,
@@ -202,7 +206,7 @@ def constrain(x: jax.Array, *logical: str | None) -> jax.Array:
   A dimension that does not divide is left unconstrained."""
   if not _ACTIVE:
     return x
-  mesh, rules = _ACTIVE[-1]
+  mesh, rules, _ = _ACTIVE[-1]
   spec = [(_mesh_axes(mesh, rules, name, dim) or None) for name, dim in zip(logical, x.shape)]
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
@@ -213,13 +217,13 @@ def mesh_axes(logical: str, dim: int | None = None) -> tuple[str, ...]:
   if not _ACTIVE:
     return ()
   if dim is None:
-    return _split_axes(*_ACTIVE[-1], logical)
-  return _mesh_axes(*_ACTIVE[-1], logical, dim)
+    return _split_axes(_ACTIVE[-1].mesh, _ACTIVE[-1].rules, logical)
+  return _mesh_axes(_ACTIVE[-1].mesh, _ACTIVE[-1].rules, logical, dim)
 
 
 def active_mesh() -> Mesh | None:
   """The mesh of the innermost `activations_on`, or None."""
-  return _ACTIVE[-1][0] if _ACTIVE else None
+  return _ACTIVE[-1].mesh if _ACTIVE else None
 
 
 def map_over_batch(fn: Callable[..., Any], sharded: tuple[Any, ...],
@@ -231,7 +235,7 @@ def map_over_batch(fn: Callable[..., Any], sharded: tuple[Any, ...],
   token shuffles (a MoE's sort by expert) stay on their device instead of going global."""
   if not _ACTIVE:
     return fn(*sharded, *whole)
-  mesh, rules = _ACTIVE[-1]
+  mesh, rules, _ = _ACTIVE[-1]
   n = jax.tree.leaves(sharded)[0].shape[0]
   axes = _mesh_axes(mesh, rules, "batch", n)
   if not axes:

@@ -79,9 +79,7 @@ def make_placement(mesh_config: ml_collections.ConfigDict | None, model_config: 
   abstract = steps.abstract_params(model_config)[1]
   params = parallel.param_shardings(abstract, mesh, rules)
   opt_state = parallel.opt_state_shardings(tx, abstract, params, mesh)
-  collective = validation.choice("mesh.sequence_collective",
-                                 mesh_config.get("sequence_collective", "all_gather"),
-                                 tuple(lasp2.COLLECTIVES))
+  collective = lasp2.check_collective(mesh_config.get("sequence_collective", "all_gather"))
   return Placement(mesh, rules, params, opt_state, parallel.batch_sharding(mesh, rules),
                    NamedSharding(mesh, PartitionSpec()), {"sequence_collective": collective})
 

@@ -10,9 +10,9 @@ accumulation and optimizer; `jaxlin.training.placement`) is lowered with abstrac
 (`--xla_force_host_platform_device_count`). Per device it reports the bytes of the parameters
 and of the optimizer state (their shard shapes), XLA's `memory_analysis()` of the compiled step
 (arguments, temporaries, outputs not aliased to the donated state), and the bytes each kind of
-collective moves, summed over the collectives in the compiled HLO (an op inside the gradient
-accumulation loop runs `accumulation_steps` times per step: both the static sum and the sum with
-loop ops multiplied are given).
+collective moves, summed over the collectives in the compiled HLO (an op inside a loop runs its
+trip count times per step: the gradient accumulation loop, and inside it the scan over the
+layers; both the static sum and the per-step sum are given).
 
 Assumptions (say them with the numbers): activations in bfloat16 (`model.dtype` as on a TPU /
 GPU; parameters and Adam moments float32), XLA:CPU's buffer assignment standing in for the
@@ -75,14 +75,48 @@ def shard_bytes(tree: object) -> int:
              for leaf in jax.tree.leaves(tree))
 
 
-def collective_bytes(hlo: str, loop_trips: int) -> dict[str, dict[str, int]]:
-  """{kind: {"static": bytes, "per_step": bytes}} from the result shapes of the collectives;
-  those inside a while body count loop_trips times per step."""
-  out = {k: {"static": 0, "per_step": 0} for k in COLLECTIVES}
-  in_loop = False
+def _computation_trips(hlo: str) -> dict[str, int]:
+  """{computation name: how many times it runs per step}: a while loop's body runs its
+  `known_trip_count` times per run of the computation holding the loop (nested loops
+  multiply: the gradient-accumulation loop around the scan over layers); other called
+  computations (fusions, calls, conditions) run as often as their caller."""
+  calls: dict[str, list[tuple[str, int]]] = {}
+  entry, current = None, None
   for line in hlo.splitlines():
-    if line and not line.startswith(" "):   # a computation header
-      in_loop = bool(re.search(r"(while|body|scan)", line.split("(")[0], re.IGNORECASE))
+    if line and not line.startswith(" ") and "{" in line:   # a computation header
+      current = line.split()[1] if line.startswith("ENTRY") else line.split()[0]
+      current = current.lstrip("%")
+      entry = current if line.startswith("ENTRY") else entry
+      calls[current] = []
+      continue
+    if current is None:
+      continue
+    trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+    for attr, name in re.findall(r"\b(body|condition|calls|to_apply|branch_computations)="
+                                 r"\{?%?([\w.\-]+)", line):
+      calls[current].append((name, int(trips.group(1)) if attr == "body" and trips else 1))
+  counts: dict[str, int] = {}
+
+  def visit(name: str, times: int) -> None:
+    counts[name] = counts.get(name, 0) + times
+    for callee, trips in calls.get(name, ()):
+      visit(callee, times * trips)
+
+  if entry is not None:
+    visit(entry, 1)
+  return counts
+
+
+def collective_bytes(hlo: str) -> dict[str, dict[str, int]]:
+  """{kind: {"static": bytes, "per_step": bytes}} from the result shapes of the collectives
+  in the compiled HLO: "static" counts each op once, "per_step" as often as it runs per step
+  (`_computation_trips`: inside the accumulation loop and the scan over layers)."""
+  out = {k: {"static": 0, "per_step": 0} for k in COLLECTIVES}
+  trips = _computation_trips(hlo)
+  current = None
+  for line in hlo.splitlines():
+    if line and not line.startswith(" ") and "{" in line:
+      current = (line.split()[1] if line.startswith("ENTRY") else line.split()[0]).lstrip("%")
     for kind in COLLECTIVES:
       if f" {kind}(" in line or f" {kind}-start(" in line:
         lhs = line.split("=", 1)[1] if "=" in line else line
@@ -91,7 +125,7 @@ def collective_bytes(hlo: str, loop_trips: int) -> dict[str, dict[str, int]]:
                      for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]",
                                                    lhs.split(kind)[0]))
         out[kind]["static"] += nbytes
-        out[kind]["per_step"] += nbytes * (loop_trips if in_loop else 1)
+        out[kind]["per_step"] += nbytes * trips.get(current, 1)
   return out
 
 
@@ -124,7 +158,7 @@ def plan(config: ml_collections.ConfigDict, model_config: ModelConfig, devices: 
       "arguments_bytes": arguments, "temporaries_bytes": temporaries,
       "outputs_not_aliased_bytes": outputs, "total_bytes": total,
       "fits": {name: total < budget for name, budget in BUDGETS.items()},
-      "collectives": collective_bytes(compiled.as_text(), accumulation)}
+      "collectives": collective_bytes(compiled.as_text())}
 
 
 def load(name: str) -> tuple[ml_collections.ConfigDict, ModelConfig]:

@@ -119,6 +119,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "auto"                  # compute dtype; "auto": bf16 on GPU/TPU, f32 on CPU
   remat: bool = False                  # nnx.remat every block (training forward)
+  scan_layers: bool = False            # training forward as one lax.scan over the blocks
+                                       # (stacked weights): one block's gathered weights
+                                       # and temporaries live at a time; needs identical
+                                       # blocks (one layer type, every block MoE or none)
   init_std: float = 0.02               # N(0, std^2): embedding, head, MLP / MoE, softmax, MoM router
   norm_eps: float = 1e-6               # of the model's RMSNorms
 
@@ -244,6 +248,11 @@ class ModelConfig:
                          "False without shared experts (a gate needs num_shared_experts >= 1)")
       validation.require(self.moe_capacity_factor > 0, "moe_capacity_factor",
                          self.moe_capacity_factor, "a number > 0")
+    if self.scan_layers:
+      kinds = sorted({(t, self.is_moe_layer(i)) for i, t in enumerate(self.layer_types)})
+      validation.require(len(kinds) == 1, "scan_layers", self.scan_layers,
+                         f"False for blocks of different kinds (layer type, MoE) {kinds}: "
+                         "a scan needs identical blocks (one pattern letter, moe_every 0 or 1)")
     for name in ("init_std", "moe_aux_coef", "moe_z_coef", "mom_aux_coef", "norm_eps"):
       validation.non_negative(name, getattr(self, name))
     validation.require(self.rope_theta > 0, "rope_theta", self.rope_theta, "a number > 0")

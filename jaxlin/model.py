@@ -100,7 +100,6 @@ class Block(nnx.Module):
   """Pre-norm residual block: h += mixer(norm(h)); h += mlp(norm(h))."""
 
   def __init__(self, config: ModelConfig, index: int, *, rngs: nnx.Rngs) -> None:
-    self.index = index
     self.layer_type = config.layer_types[index]
     self.is_moe = config.is_moe_layer(index)
     pdt = config.parameter_dtype()
@@ -129,6 +128,28 @@ def _block_forward(block: Block, h: jax.Array,
 
 
 _block_forward_remat = nnx.remat(_block_forward)
+
+
+def _scan_blocks(blocks: list[Block], h: jax.Array, segment_ids: jax.Array | None,
+                 remat: bool) -> tuple[jax.Array, list[Aux]]:
+  """The blocks' full-sequence forward as one `lax.scan` over their stacked weights
+  (ModelConfig.scan_layers): h_{i+1} = block(W_i, h_i). The same math as the loop; one
+  block's gathered (FSDP) weights and temporaries live at a time, and with remat the
+  backward recomputes one block per scan step. The blocks must be identical modules."""
+  graphdefs, states = zip(*(nnx.split(block) for block in blocks))
+  for i, graphdef in enumerate(graphdefs[1:], start=1):
+    if graphdef != graphdefs[0]:
+      raise ValueError(
+          f"scan_layers: got True, but block {i} differs from block 0 in a static attribute "
+          "(e.g. Lightning's per-layer decay); expected identical blocks, or scan_layers=False")
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+  def step(h: jax.Array, state: nnx.State) -> tuple[jax.Array, Aux]:
+    h, aux = _block_forward(nnx.merge(graphdefs[0], state), h, segment_ids)
+    return parallel.constrain(h, "batch", "length", None), aux
+
+  h, aux = jax.lax.scan(jax.checkpoint(step) if remat else step, h, stacked)
+  return h, [jax.tree.map(lambda a, i=i: a[i], aux) for i in range(len(blocks))]
 
 
 def _gather_aux(per_block: list[Aux]) -> Aux:
@@ -198,6 +219,9 @@ class LanguageModel(nnx.Module):
                        f"{len(self.blocks) - 1} (from LanguageModel.init_cache)")
     h = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)  # [B, T, D]
     h = parallel.constrain(h, "batch", "length", None)   # no-op without a mesh context
+    if cache is None and self.config.scan_layers:
+      h, per_block = _scan_blocks(list(self.blocks), h, segment_ids, self.config.remat)
+      return self.final_norm(h), None, _gather_aux(per_block)
     per_block: list[Aux] = []
     new_cache: Cache | None = None if cache is None else {}
     for i, block in enumerate(self.blocks):

@@ -32,6 +32,10 @@ MODELS = {
     "mom": ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, pattern="LN",
                        mixer="mom", mom_core="gated_deltanet", mom_num_memories=4, mom_top_k=2,
                        mlp_hidden=64, tie_embeddings=False, init_std=0.1),
+    # the paper configs' layout: GLA + MoE in every block, a remat scan over the blocks
+    "scan_moe": ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, pattern="L",
+                            moe_every=1, num_experts=4, moe_top_k=2, expert_hidden=32,
+                            init_std=0.1, remat=True, scan_layers=True),
 }
 MESHES = {"fsdp8": dict(fsdp=8, data=1), "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
           "data2_expert4": dict(data=2, expert=4),

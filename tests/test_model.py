@@ -78,6 +78,8 @@ def test_pattern_repeats_to_depth() -> None:
     (dict(feature_map="cosine"), r"feature_map: got 'cosine'; expected one of .*'elu'"),
     (dict(num_layers=0), r"num_layers: got 0; expected an int >= 1"),
     (dict(pattern="N", d_model=12, num_heads=4), r"head_dim: got 3; expected an even int"),
+    (dict(pattern="LLN", num_layers=3, scan_layers=True), r"scan_layers: got True; expected False for blocks of different kinds .*\('L', False\), \('N', False\)"),
+    (dict(num_layers=4, moe_every=2, scan_layers=True), r"scan_layers: got True; expected False .*moe_every 0 or 1"),
 ])
 def test_config_errors(changes: dict[str, Any], match: str) -> None:
   with pytest.raises(ValueError, match=match):
@@ -192,6 +194,49 @@ def test_remat_same_loss_and_grads() -> None:
   assert any(np.max(np.abs(np.asarray(g))) > 0 for g in flat0)
   for a, b in zip(flat0, flat1):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("changes", [
+    dict(mixer="linear", moe_every=1, shared_expert_hidden=None, remat=True),   # GLA + MoE
+    dict(mixer="mom", moe_every=0, remat=False),                           # MoM + SwiGLU
+], ids=["gla_moe_remat", "mom"])
+def test_scan_layers_same_logits_aux_and_grads(changes: dict) -> None:
+  # the scan over stacked blocks is the loop's math: logits, every aux entry and the
+  # gradient of every parameter (packed documents, so segment ids reach every block)
+  config = ModelConfig(**dict(TINY_MOM, pattern="L", num_layers=3, **changes))
+  tokens = jax.random.randint(jax.random.key(5), (B, T), 0, config.vocab_size)
+  segments = jnp.array([[1] * 5 + [2] * 4, [1] * 9])
+
+  def loss(model: LanguageModel) -> tuple[jax.Array, tuple]:
+    logits, _, aux = model(tokens, segment_ids=segments)
+    return jnp.mean(jax.nn.logsumexp(logits, -1)) + aux_loss(aux), (logits, aux)
+
+  model = build(config)
+  results = []
+  for scan in (False, True):
+    scanned = nnx.merge(nnx.graphdef(build(config.replace(scan_layers=scan))), nnx.state(model))
+    results.append(jitted(scanned, lambda m: nnx.value_and_grad(loss, has_aux=True)(m))())
+  ((v0, (y0, aux0)), g0), ((v1, (y1, aux1)), g1) = results
+  # float32 reassociation only (the scan body fuses differently): a few ulps of |y| ~ 3
+  np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+  assert sorted(aux1) == sorted(aux0) and any(k.endswith("_loss") for k in aux0)
+  for key in aux0:
+    np.testing.assert_allclose(aux1[key], aux0[key], rtol=1e-5, atol=1e-7)
+  flat0, flat1 = jax.tree.leaves(g0), jax.tree.leaves(g1)
+  assert len(flat0) == len(flat1) > 20
+  for a, b in zip(flat0, flat1):   # reassociation again: relative to each array's scale
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.max(np.abs(a)))
+  for i in range(3):   # every block's weights get a gradient through the scan
+    assert max(np.max(np.abs(np.asarray(g))) for g in jax.tree.leaves(g1["blocks"][i])) > 0
+
+
+def test_scan_layers_needs_identical_blocks() -> None:
+  # Lightning's decay depends on the layer's depth: same kinds, different static attributes
+  config = ModelConfig(**dict(TINY, pattern="L", num_layers=2, moe_every=0,
+                              linear_variant="lightning", scan_layers=True))
+  with pytest.raises(ValueError, match="scan_layers: got True, but block 1 differs from "
+                     "block 0 in a static attribute"):
+    build(config)(jnp.zeros((1, 4), jnp.int32))
 
 
 # ----------------------------------------------------------------- parameter counts

@@ -1,235 +1,36 @@
 """Liger on a real pretrained model: SmolLM2-135M linearized, LoRA fine-tuned, against the original.
 
     python benchmarks/smollm2_checkpoint.py --out=/tmp/jaxlin/smollm2-135m    # once
-    python benchmarks/liger.py --checkpoint=/tmp/jaxlin/smollm2-135m           # see the README
+    python benchmarks/liger.py --checkpoint=/tmp/jaxlin/smollm2-135m           # see docs/liger.md
     python benchmarks/liger.py --steps 10 --eval-batches 2 --context 512       # a quick look
 
-Every model starts from the same checkpoint and, where it is fine-tuned, sees the same batches
-with the same optimizer: configs/liger.py's recipe (LoRA rank 8, alpha 8 on q, k, v; AdamW at
-lr 1e-3; only the adapters train):
-
-    original          the imported softmax model, as is                              (a)
-    original+lora     the original with the same LoRA steps: the fair reference      (d)
-    liger_gla         every layer Liger-GLA (gate logsigmoid(k)/16, softmax feature
-                      maps; no softmax branch): before (b) and after (c) the steps
-    liger_attention   every layer Liger Attention (0.5 * sliding-window softmax over 64
-                      tokens + 0.5 * Liger-GLA): before (b) and after (c)
-    liger_gdn         (opt-in, --models) Gated DeltaNet instead of GLA: jaxlin's
-                      extension, not in the paper
-
-Perplexity is on held-out works of the embedded Shakespeare corpus (configs/liger.py's data:
-data.validation_fraction of the works, never trained on), tokenized with the checkpoint's
-tokenizer.json. Decoding: a `--context`-token prompt is prefilled, then `--decode-tokens` greedy
-tokens are decoded one at a time (each a jitted step; tok/s from their wall time) by each model
-as the run leaves it (fine-tuned ones with their adapters merged); the cache
-bytes are those of the decode cache (`model.init_cache`): the original's KV cache grows with
-the context, a Liger layer's state [H, D, D] and 64-token window ring buffer do not.
-
-Writes JSON (every number, every loss curve, the command and machine) and a PNG (perplexity per
-model; cache bytes vs context; decode tok/s). Targets (the issue's, not tests): after
-fine-tuning Liger Attention within 15% of (d)'s perplexity, Liger-GLA within 35%; at 4K context
-the converted model's cache under a quarter of the original's.
+The models, the measurements and the targets are `jaxlin.evals.liger`'s (its docstring);
+this script runs them on configs/liger.py's recipe and writes PREFIX.json (every number,
+every loss curve, the command and machine) and PREFIX.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
-import math
 import os
 import platform
 import sys
 import time
-from typing import Any, Callable
-
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
-from flax import nnx
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import jax  # noqa: E402
+
 from configs import liger as liger_config  # noqa: E402 (configs/ is not an installed package)
-from jaxlin import data as data_lib  # noqa: E402
 from jaxlin.config import ModelConfig  # noqa: E402
+from jaxlin.evals.liger import (DECODE_MODELS, DEFAULT_MODELS, MODELS, Setup,  # noqa: E402
+                                cache_bytes, decode_speed, finetune, held_out_batches, load,
+                                perplexity, plot, run_config)
 from jaxlin.interop import huggingface as hf_io  # noqa: E402
-from jaxlin.training import optim, steps  # noqa: E402
-
-# model name -> (conversion fields given to the import, fine-tuned?)
-MODELS: dict[str, tuple[dict[str, Any], bool]] = {
-    "original": (dict(), False),
-    "original+lora": (dict(), True),
-    "liger_gla": (dict(mixer="liger", pattern="L", liger_window=0), True),
-    "liger_attention": (dict(mixer="liger", pattern="L", liger_window=64), True),
-    "liger_gdn": (dict(mixer="liger", pattern="L", liger_window=64,
-                       liger_recurrence="gated_deltanet"), True),
-}
-DEFAULT_MODELS = ("original", "original+lora", "liger_gla", "liger_attention")
-DECODE_MODELS = ("original", "liger_gla", "liger_attention", "liger_gdn")
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """What every model gets."""
-  checkpoint: str
-  steps: int                 # LoRA steps of each fine-tuned model
-  seq_len: int               # tokens per training / eval row
-  batch_size: int
-  eval_batches: int          # held-out batches of the perplexity
-  learning_rate: float
-  lora_rank: int
-  lora_alpha: float
-  context: int               # decode benchmark: prompt length
-  decode_tokens: int         # decode benchmark: tokens timed
-  seed: int
-
-
-def run_config(setup: Setup) -> ml_collections.ConfigDict:
-  """configs/liger.py with the benchmark's sizes (its data and optimizer recipe)."""
-  config = liger_config.get_config()
-  config.init_from = setup.checkpoint
-  config.seed = setup.seed
-  config.data.update(seq_len=setup.seq_len, batch_size=setup.batch_size)
-  config.train.num_steps = max(setup.steps, 2)
-  config.optimizer.update(learning_rate=setup.learning_rate,
-                          end_learning_rate=setup.learning_rate / 10,
-                          warmup_steps=min(10, max(setup.steps, 2) // 10))
-  return config
-
-
-def load(setup: Setup, name: str, lora: bool) -> tuple[ModelConfig, Any]:
-  """The checkpoint converted as `name` says (with LoRA adapters when it will be fine-tuned)."""
-  fields = dict(MODELS[name][0])
-  if lora:
-    fields.update(lora_rank=setup.lora_rank, lora_alpha=setup.lora_alpha,
-                  lora_targets="q_proj,k_proj,v_proj")
-  return hf_io.load_pretrained(setup.checkpoint, seed=setup.seed, **fields)
-
-
-def perplexity(model_config: ModelConfig, params: Any,
-               batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
-  """Held-out loss, perplexity and accuracy (token-weighted over the batches)."""
-  eval_step = jax.jit(steps.make_eval_step(steps.abstract_params(model_config)[0]))
-  sums = [{k: float(v) for k, v in jax.device_get(eval_step(params, b)).items()} for b in batches]
-  return steps.summarise_eval(sums)
-
-
-def finetune(model_config: ModelConfig, params: Any, config: ml_collections.ConfigDict,
-             dataset: data_lib.Data, num_steps: int, log: Callable[[str], None]
-             ) -> tuple[Any, list[float], float]:
-  """`num_steps` LoRA steps on the run's training stream: (params, losses, seconds per step)."""
-  tx, schedule = optim.make_optimizer(config.optimizer, config.train.num_steps)
-  graphdef = steps.abstract_params(model_config)[0]
-  train_step = jax.jit(steps.make_train_step(
-      graphdef, tx, schedule, trainable=optim.trainable_mask(config.optimizer)),
-      donate_argnums=(0,))
-  state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-  batches = dataset.train_iterator()
-  losses, started = [], None
-  for step in range(num_steps):
-    batch = {k: jnp.asarray(v) for k, v in next(batches).items()}
-    state, metrics = train_step(state, batch)
-    losses.append(float(metrics["loss"]))
-    if step == 0:
-      started = time.perf_counter()   # after the compilation
-    if step % 10 == 0 or step == num_steps - 1:
-      log(f"  step {step + 1}/{num_steps} loss {losses[-1]:.3f}")
-  seconds = (time.perf_counter() - started) / max(num_steps - 1, 1) if started else float("nan")
-  return state.params, losses, seconds
-
-
-def cache_bytes(model_config: ModelConfig, context: int) -> int:
-  """Bytes of the decode cache of one sequence of `context` tokens (shapes only)."""
-  graphdef, params = steps.abstract_params(model_config)
-
-  def make(params: Any) -> Any:
-    return nnx.merge(graphdef, params).init_cache(1, context)
-
-  shapes = jax.eval_shape(make, params)
-  return int(sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(shapes)))
-
-
-def decode_speed(model_config: ModelConfig, params: Any, context: int, num_tokens: int,
-                 seed: int) -> dict[str, float]:
-  """Prefill `context` random tokens, then time `num_tokens` single-token greedy decode steps."""
-  graphdef = steps.abstract_params(model_config)[0]
-
-  @jax.jit
-  def prefill(params: Any, prompt: jax.Array) -> tuple[jax.Array, Any]:
-    model = nnx.merge(graphdef, params)
-    cache = model.init_cache(prompt.shape[0], context + num_tokens + 1)
-    logits, cache, _ = model(prompt, cache=cache)
-    return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
-
-  @functools.partial(jax.jit, donate_argnums=(2,))   # the cache updates in place
-  def decode(params: Any, token: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
-    logits, cache, _ = nnx.merge(graphdef, params)(token[:, None], cache=cache)
-    return jnp.argmax(logits[:, 0], -1).astype(jnp.int32), cache
-
-  prompt = jax.random.randint(jax.random.key(seed), (1, context), 0, model_config.vocab_size)
-  started = time.perf_counter()
-  token, cache = jax.block_until_ready(prefill(params, prompt))
-  prefill_s = time.perf_counter() - started
-  token, cache = jax.block_until_ready(decode(params, token, cache))   # compiles
-  started = time.perf_counter()
-  for _ in range(num_tokens):
-    token, cache = decode(params, token, cache)
-  jax.block_until_ready(token)
-  seconds = time.perf_counter() - started
-  return {"prefill_seconds": prefill_s, "decode_tokens_per_second": num_tokens / seconds,
-          "cache_bytes": int(sum(a.nbytes for a in jax.tree.leaves(cache)))}
-
-
-def plot(result: dict[str, Any], path: str) -> None:
-  """Perplexity per model; cache bytes vs context; decode tok/s at the benchmark's context."""
-  models = result["models"]
-  fig = Figure(figsize=(16, 4.6))
-  FigureCanvasAgg(fig)
-  axes = fig.subplots(1, 3)
-  ax = axes[0]
-  names, before, after = [], [], []
-  for name, m in models.items():
-    names.append(name)
-    before.append(m["before"]["perplexity"])
-    after.append(m["after"]["perplexity"] if m.get("after") else np.nan)
-  x = np.arange(len(names))
-  ax.bar(x - 0.2, before, 0.4, label="before fine-tuning")
-  ax.bar(x + 0.2, after, 0.4, label=f"after {result['setup']['steps']} LoRA steps")
-  for xi, (b, a) in enumerate(zip(before, after)):
-    ax.text(xi - 0.2, b, f"{b:.1f}", ha="center", va="bottom", fontsize=7)
-    if not np.isnan(a):
-      ax.text(xi + 0.2, a, f"{a:.1f}", ha="center", va="bottom", fontsize=7)
-  ax.set_xticks(x, names, rotation=15, fontsize=8)
-  ax.set_yscale("log")
-  ax.set_ylabel("held-out perplexity (log)")
-  ax.set_title("perplexity: Shakespeare held-out works")
-  ax.legend(fontsize=8)
-  ax = axes[1]
-  for name, curve in result["cache_bytes_vs_context"].items():
-    ctx = sorted(int(c) for c in curve)
-    ax.plot(ctx, [curve[str(c)] / 2**20 for c in ctx], marker="o", label=name)
-  ax.set_xscale("log", base=2)
-  ax.set_yscale("log")
-  ax.set_xlabel("context (tokens)")
-  ax.set_ylabel("decode cache, MiB per sequence")
-  ax.set_title("cache memory vs context")
-  ax.legend(fontsize=8)
-  ax = axes[2]
-  decode = result["decode"]
-  ax.bar(list(decode), [d["decode_tokens_per_second"] for d in decode.values()])
-  ax.set_ylabel("tokens / s (batch 1)")
-  ax.set_title(f"greedy decode after a {result['setup']['context']}-token prefill")
-  ax.tick_params(axis="x", labelsize=8)
-  fig.suptitle(f"Liger on {os.path.basename(result['setup']['checkpoint'].rstrip('/'))} "
-               f"({result['machine']})", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -261,10 +62,8 @@ def main() -> None:
   def log(message: str) -> None:
     print(f"[{time.perf_counter() - start:7.1f}s] {message}", flush=True)
 
-  config = run_config(setup)
-  dataset = data_lib.build(config.data)
-  held_out = [{k: jnp.asarray(v) for k, v in b.items()}
-              for b in dataset.validation_batches(setup.eval_batches)]
+  config = run_config(setup, liger_config.get_config())
+  dataset, held_out = held_out_batches(config, setup.eval_batches)
   log(f"{len(held_out)} held-out batches of {setup.batch_size} x {setup.seq_len} tokens")
 
   models: dict[str, dict[str, Any]] = {}

@@ -52,9 +52,7 @@ import json
 import os
 import pathlib
 import platform
-import statistics
 import sys
-import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -62,6 +60,8 @@ import jax.numpy as jnp
 
 import jaxlin
 import jaxlin.ops
+from jaxlin.evals import timing as timing_lib
+from jaxlin.evals.timing import compiled_memory, median_seconds
 
 CHUNK = 64  # chunk length C of the FLOP model (and of the xla impl's default)
 BMM_BATCH = 1024
@@ -225,45 +225,6 @@ def forward_fn(case: Case) -> Callable[[Inputs], jax.Array]:
 def forward_backward_fn(case: Case) -> Callable[[Inputs], Inputs]:
   """Gradient of sum(output) with respect to every input array."""
   return jax.grad(lambda inputs: jnp.sum(case.op(**inputs).astype(jnp.float32)))
-
-
-SLOW_RUN_S = 2.0  # a call slower than this is timed only SLOW_RUN_COUNT times
-SLOW_RUN_COUNT = 3
-
-
-def median_seconds(fn: Callable[..., Any], *args: Any, min_runs: int, max_runs: int,
-                   min_total_s: float) -> float:
-  """Median wall time of `fn(*args)` after one warm-up call (fn is already compiled).
-
-  Runs at least `min_runs` times and until `min_total_s` is spent, at most `max_runs` times;
-  a call whose warm-up took over SLOW_RUN_S seconds is run only SLOW_RUN_COUNT times.
-  """
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  if time.perf_counter() - start > SLOW_RUN_S:
-    min_runs = max_runs = min(min_runs, SLOW_RUN_COUNT)
-  times: list[float] = []
-  while len(times) < max_runs and (len(times) < min_runs or sum(times) < min_total_s):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def compiled_memory(compiled: Any) -> tuple[int | None, dict[str, int]]:
-  """(temp + argument + output bytes, every integer field of memory_analysis()) or (None, {})."""
-  try:
-    analysis = compiled.memory_analysis()
-  except Exception:  # some backends do not implement it
-    return None, {}
-  if analysis is None:
-    return None, {}
-  fields = {name: getattr(analysis, name) for name in dir(analysis)
-            if not name.startswith("_") and isinstance(getattr(analysis, name), int)}
-  needed = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")
-  if not all(name in fields for name in needed):
-    return None, fields
-  return sum(fields[name] for name in needed), fields
 
 
 def device_memory_budget_bytes() -> int | None:
@@ -430,6 +391,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
                       help="JSON output path (default benchmarks/results/ops.json)")
   parser.add_argument("--quick", action="store_true", help="fast smoke run")
+  parser.add_argument("--plot-only", action="store_true",
+                      help="only redraw the PNG (--out with .png) from the JSON at --out")
   parser.add_argument("--impls", nargs="+", default=["reference", "xla"],
                       choices=["reference", "xla", "pallas", "auto"])
   parser.add_argument("--gate-tiers", action="store_true",
@@ -477,8 +440,31 @@ def write_result(args: argparse.Namespace, env: dict[str, Any], bmm: float,
   args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def plot_result(result: dict[str, Any], path: pathlib.Path) -> None:
+  """The figure of a result JSON: the xla impl's forward+backward time and compiled memory vs T
+  per op, log-log (jaxlin.evals.timing.plot)."""
+  rows: dict[tuple[str, int], dict[str, Any]] = {}
+  for row in result["timing"]:
+    if row["impl"] == "xla" and row["pass_name"] == "forward+backward" and row["ms"] is not None:
+      rows.setdefault((row["name"], row["T"]), {})["seconds"] = row["ms"] / 1e3
+  for row in result["memory"]:
+    rows.setdefault((row["name"], row["T"]), {})["memory_bytes"] = row["bytes"]
+  env = result["environment"]
+  timing_lib.plot(
+      [{"case": name, "impl": "xla", "T": t, "pass": "forward+backward",
+        "seconds": r.get("seconds"), "memory_bytes": r.get("memory_bytes")}
+       for (name, t), r in sorted(rows.items())], str(path),
+      title=f"forward+backward, B={result['config']['batch']} H={result['config']['heads']} "
+            f"K={result['config']['key_dim']} V={result['config']['value_dim']} float32 "
+            f"({env['device_kind']}, {env.get('cpu_count')} CPUs, jax {env['jax']})")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   args = parse_args(argv)
+  if args.plot_only:
+    plot_result(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+    print(f"wrote {args.out.with_suffix('.png')} from {args.out}")
+    return
   env = environment()
   print(f"jax {env['jax']} on {env['platform']} ({env['device_kind']}), {env['cpu_count']} CPUs,"
         f" python {env['python']}, {env['date']}, load average {env['load_average_1min']}")
@@ -513,7 +499,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "(all fields are kept in the JSON; on CPU peak_memory_in_bytes leaves out temp)")
 
   write_result(args, env, bmm, timing, memory)
-  print(f"\nwrote {args.out}")
+  plot_result(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+  print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

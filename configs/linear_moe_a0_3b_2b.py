@@ -16,7 +16,7 @@ are this config's choices, not the paper's.
 What to expect: meant for TPU pods / multi-GPU hosts. The mesh is FSDP over
 every device (parameters and Adam state sharded), the batch split over them, 8
 micro-batches per step; `python benchmarks/scale.py` compiles this step for 8
-and 64 devices and prints the bytes per device (README: Scale). Expert
+and 64 devices and prints the bytes per device (docs/scale.md). Expert
 parallelism: --config.mesh.expert=8 (with fsdp=-1); sequence parallelism (LASP-2):
 --config.mesh.sequence=4; on a single CPU it will not fit. The blocks run as one remat scan
 (model.scan_layers): 14.9 GiB per device on 8 devices by that estimate.

@@ -16,7 +16,7 @@ are this config's choices, not the paper's.
 
 What to expect: meant for TPU pods / multi-GPU hosts. As A0.3B-2B: FSDP over
 every device, 8 micro-batches per step; `python benchmarks/scale.py` gives the
-bytes per device at 8 and 64 devices (README: Scale). Expert parallelism:
+bytes per device at 8 and 64 devices (docs/scale.md). Expert parallelism:
 --config.mesh.expert=8; sequence parallelism (LASP-2): --config.mesh.sequence=4;
 on a single CPU it will not fit. The blocks run as one remat scan
 (model.scan_layers): 35.5 GiB per device on 8 devices by that estimate.

@@ -2,7 +2,7 @@
 
     pallas_kernels, jaxlin.parallel <- jaxlin.ops <- jaxlin.layers
                    <- jaxlin.{config, model, generate, data, interop}
-                   <- jaxlin.training
+                   <- jaxlin.training <- jaxlin.evals
 
 The graph is read from the source (every import statement, function-level ones included).
 Importing `a.b.c` runs the `__init__` of `a` and `a.b` too, so an import also depends on
@@ -37,7 +37,8 @@ LAYERS = {
     "jaxlin.data": 3,
     "jaxlin.interop": 3,
     "jaxlin.training": 4,
-    "jaxlin": 5,          # the package's __init__: the public names
+    "jaxlin.evals": 5,    # experiments built on training (benchmarks/, colab/ call them)
+    "jaxlin": 6,          # the package's __init__: the public names
 }
 
 

@@ -5,37 +5,28 @@ MQAR (`jaxlin.data.mqar`) with n = 4 key-value pairs, T = 32, vocabulary 32 (key
 values [16, 32)). Answering with any value seen in the context, without binding it to
 its key, scores about 1/n = 0.25; chance over the values is 1/16. Each mixer (every
 linear variant, MoM over GLA and Gated DeltaNet, a Gated DeltaNet + softmax hybrid and
-all-softmax: `benchmarks/recall.py`'s MIXERS) trains a 2-layer d_model 64 model for
+all-softmax: `jaxlin.evals.recall.MIXERS`) trains a 2-layer d_model 64 model for
 STEPS AdamW steps at learning rate 1e-2, with the short causal conv on in every linear
 and MoM layer (as Zoology gives every model; without it bla, lightning and gla stay on
-the plateau for 600 steps, see the README), and must reach accuracy > BOUND = 0.4 (1.6 / n) on
+the plateau for 600 steps, see docs/benchmarks.md), and must reach accuracy > BOUND = 0.4 (1.6 / n) on
 256 held-out examples with at least one of two seeds (the jump off the plateau comes at a
 seed-dependent step: one Gated DeltaNet seed was at 0.32 after 500 steps, the other at 1.0).
-The benchmark's own harness (`recall.run_mixer`), both seeds in one vmapped run.
+The benchmark's own harness (`jaxlin.evals.recall.run_mixer`), both seeds in one vmapped run.
 
 Not listed: mamba2, whose start is decided by its decay draws at this size (two heads per
 layer; its init is the paper's, `test_mamba2_decay_starts_at_the_papers_init`): a seed whose
 heads all forget at >= 0.13 per token (A dt at init) stays at chance, a seed with a slow head
 learns, but at a step that moves with the schedule (1.00 by step 750 of a 1500-step run, 0.27
-after a 1000-step one), too late and too unsteady for a bounded test (README: Recall).
+after a 1000-step one), too late and too unsteady for a bounded test (docs/benchmarks.md: Recall).
 """
 from __future__ import annotations
 
 import functools
-import importlib.util
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 
-# benchmarks/recall.py, loaded by path: benchmarks/ on sys.path would let its generic module
-# names shadow installed packages for every later test (transformers imports `kernels`)
-_SPEC = importlib.util.spec_from_file_location(
-    "jaxlin_benchmark_recall", pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "recall.py")
-recall = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = recall   # its dataclasses look their module up
-_SPEC.loader.exec_module(recall)
+from jaxlin.evals import recall
 
 PAIRS, STEPS, SEEDS = 4, 500, 2
 BOUND = 0.4                      # 1.6 x the plateau; 1024 held-out answers
@@ -47,10 +38,7 @@ SETUP = recall.Setup(levels=(PAIRS,), seeds=SEEDS, steps=STEPS, short_conv=1, ev
 @functools.lru_cache(maxsize=None)
 def _data() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """(train, held_out) with a leading replica axis (one per seed)."""
-  train = [recall.examples(SETUP, PAIRS, s, "train", SETUP.train_examples) for s in range(SEEDS)]
-  held = recall.examples(SETUP, PAIRS, 0, "validation", SETUP.eval_examples)
-  return ({k: np.stack([t[k] for t in train]) for k in held},
-          {k: np.stack([v] * SEEDS) for k, v in held.items()})
+  return recall.datasets(SETUP)
 
 
 @pytest.mark.slow   # ~25-90 s per mixer on 2 CPU cores

@@ -1,0 +1,45 @@
+"""jaxlin.evals: the experiment functions the benchmarks and notebooks call (their long runs are
+the slow tests test_recall.py and test_notebooks.py; these check the pieces cheaply)."""
+from __future__ import annotations
+
+import matplotlib.figure
+import numpy as np
+import pytest
+
+from jaxlin.evals import recall, timing
+
+
+def test_attention_memory_grows_quadratically_the_ops_linearly() -> None:
+  # compiled forward memory from T = 256 to 1024 (x4): the linear ops' state is constant, so
+  # their buffers grow as T (x4); attention's scores grow as T^2 (x16)
+  growth = {}
+  for case in timing.CASES:
+    small, large = (timing.measure(case, "xla", t, runs=1, heads=2, dim=16)["memory_bytes"]
+                    for t in (256, 1024))
+    growth[case] = large / small
+  assert growth["softmax"] > 10, growth
+  for case in ("gla", "gated_deltanet"):
+    assert 3 < growth[case] < 5, growth
+
+
+def test_timing_rows_and_plot(tmp_path) -> None:
+  rows = timing.sweep([32, 64], cases=("gla", "softmax"), runs=1, log=lambda line: None,
+                      heads=1, dim=16)
+  assert [(r["case"], r["T"]) for r in rows] == [("gla", 32), ("gla", 64), ("softmax", 32),
+                                                 ("softmax", 64)]
+  assert all(r["seconds"] > 0 for r in rows)
+  figure = timing.plot(rows, str(tmp_path / "t.png"))
+  assert isinstance(figure, matplotlib.figure.Figure) and (tmp_path / "t.png").stat().st_size
+  with pytest.raises(ValueError, match=r"case: got 'mamba'; expected one of \('gla'"):
+    timing.inputs("mamba", 32)
+
+
+def test_recall_datasets_and_names() -> None:
+  setup = recall.Setup(levels=(2, 4), seeds=2, seq_len=16, train_examples=8, eval_examples=4)
+  train, held_out = recall.datasets(setup)
+  assert train["inputs"].shape == (4, 8, 16) and held_out["inputs"].shape == (4, 4, 16)
+  # each (level, seed) its own examples; the held-out set is one per level
+  assert not np.array_equal(train["inputs"][0], train["inputs"][1])
+  np.testing.assert_array_equal(held_out["inputs"][0], held_out["inputs"][1])
+  with pytest.raises(ValueError, match="mixer: got 'gla2'; expected one of"):
+    recall.run(setup, ["gla", "gla2"], log=lambda line: None)   # before any training

@@ -1,7 +1,8 @@
 """Benchmark the jaxlin recurrence ops against softmax attention on the local device.
 
 Usage:
-  python benchmarks/ops.py                 # T in 1024 4096 16384, writes benchmarks/results/ops.json
+  python benchmarks/ops.py                 # T in 1024 4096 16384: benchmarks/results/ops.json + .png
+  python benchmarks/ops.py --plot-only     # redraw ops.png from ops.json
   python benchmarks/ops.py --quick         # smoke run, about a minute on 2 CPU cores
   python benchmarks/ops.py --T 2048 8192 --out /tmp/ops.json
 
@@ -61,7 +62,7 @@ import jax.numpy as jnp
 import jaxlin
 import jaxlin.ops
 from jaxlin.evals import timing as timing_lib
-from jaxlin.evals.timing import compiled_memory, median_seconds
+from jaxlin.evals.timing import compiled_memory, device_memory_budget_bytes, median_seconds
 
 CHUNK = 64  # chunk length C of the FLOP model (and of the xla impl's default)
 BMM_BATCH = 1024
@@ -225,20 +226,6 @@ def forward_fn(case: Case) -> Callable[[Inputs], jax.Array]:
 def forward_backward_fn(case: Case) -> Callable[[Inputs], Inputs]:
   """Gradient of sum(output) with respect to every input array."""
   return jax.grad(lambda inputs: jnp.sum(case.op(**inputs).astype(jnp.float32)))
-
-
-def device_memory_budget_bytes() -> int | None:
-  """Memory available to the default device: its bytes_limit, else the host's physical memory."""
-  try:
-    stats = jax.devices()[0].memory_stats() or {}
-  except Exception:
-    stats = {}
-  if "bytes_limit" in stats:
-    return int(stats["bytes_limit"])
-  try:
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-  except (ValueError, OSError, AttributeError):
-    return None
 
 
 def batched_matmul_gflops(*, min_runs: int, max_runs: int, min_total_s: float) -> float:

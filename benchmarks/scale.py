@@ -75,26 +75,37 @@ def shard_bytes(tree: object) -> int:
              for leaf in jax.tree.leaves(tree))
 
 
+def _header(line: str) -> str | None:
+  """The computation a line of HLO text opens ("%name (...) -> ... {" / "ENTRY %name ..."), or
+  None for any other line (instructions are indented; the HloModule line is not one)."""
+  if not line or line.startswith((" ", "HloModule", "}")) or not line.rstrip().endswith("{"):
+    return None
+  return (line.split()[1] if line.startswith("ENTRY") else line.split()[0]).lstrip("%")
+
+
 def _computation_trips(hlo: str) -> dict[str, int]:
   """{computation name: how many times it runs per step}: a while loop's body runs its
   `known_trip_count` times per run of the computation holding the loop (nested loops
   multiply: the gradient-accumulation loop around the scan over layers); other called
-  computations (fusions, calls, conditions) run as often as their caller."""
+  computations (fusions, calls, conditional branches, async wrappers) run as often as their
+  caller. A loop without a known trip count stops with an error (it would be miscounted)."""
   calls: dict[str, list[tuple[str, int]]] = {}
   entry, current = None, None
   for line in hlo.splitlines():
-    if line and not line.startswith(" ") and "{" in line:   # a computation header
-      current = line.split()[1] if line.startswith("ENTRY") else line.split()[0]
-      current = current.lstrip("%")
-      entry = current if line.startswith("ENTRY") else entry
-      calls[current] = []
+    name = _header(line)
+    if name is not None:
+      current, calls[name] = name, []
+      entry = name if line.startswith("ENTRY") else entry
       continue
     if current is None:
       continue
     trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
-    for attr, name in re.findall(r"\b(body|condition|calls|to_apply|branch_computations)="
-                                 r"\{?%?([\w.\-]+)", line):
-      calls[current].append((name, int(trips.group(1)) if attr == "body" and trips else 1))
+    if " while(" in line and not trips:
+      raise ValueError(f"a while loop without known_trip_count in {current}: {line[:200]}")
+    for attr, names in re.findall(r"\b(body|condition|calls|to_apply|branch_computations|"
+                                  r"called_computations)=(\{[^}]*\}|%?[\w.\-]+)", line):
+      for callee in re.findall(r"[\w.\-]+", names.replace("%", " ")):
+        calls[current].append((callee, int(trips.group(1)) if attr == "body" else 1))
   counts: dict[str, int] = {}
 
   def visit(name: str, times: int) -> None:
@@ -115,8 +126,7 @@ def collective_bytes(hlo: str) -> dict[str, dict[str, int]]:
   trips = _computation_trips(hlo)
   current = None
   for line in hlo.splitlines():
-    if line and not line.startswith(" ") and "{" in line:
-      current = (line.split()[1] if line.startswith("ENTRY") else line.split()[0]).lstrip("%")
+    current = _header(line) or current
     for kind in COLLECTIVES:
       if f" {kind}(" in line or f" {kind}-start(" in line:
         lhs = line.split("=", 1)[1] if "=" in line else line

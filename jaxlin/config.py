@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxlin import validation
-from jaxlin.layers import feature_maps, liger, linear_attention, lora, moe, rope, routing
+from jaxlin.layers import (feature_maps, gates, liger, linear_attention, lora, moe, rope,
+                           routing)
 from jaxlin.ops import arguments
 from jaxlin.ops import attention as attention_ops
 
@@ -253,6 +254,12 @@ class ModelConfig:
       validation.require(len(kinds) == 1, "scan_layers", self.scan_layers,
                          f"False for blocks of different kinds (layer type, MoE) {kinds}: "
                          "a scan needs identical blocks (one pattern letter, moe_every 0 or 1)")
+      if "L" in self.layer_types and self.mixer in ("linear", "mom") and self.num_layers > 1:
+        row = linear_attention.VARIANTS[self.linear_variant if self.mixer == "linear"
+                                        else self.mom_core]
+        validation.require(not gates.GATES[row.gate].per_depth, "scan_layers", self.scan_layers,
+                           f"False with the {row.gate!r} gate: its constants depend on the "
+                           "layer's depth, so the blocks differ")
     for name in ("init_std", "moe_aux_coef", "moe_z_coef", "mom_aux_coef", "norm_eps"):
       validation.non_negative(name, getattr(self, name))
     validation.require(self.rope_theta > 0, "rope_theta", self.rope_theta, "a number > 0")

@@ -136,19 +136,24 @@ def _scan_blocks(blocks: list[Block], h: jax.Array, segment_ids: jax.Array | Non
   (ModelConfig.scan_layers): h_{i+1} = block(W_i, h_i). The same math as the loop; one
   block's gathered (FSDP) weights and temporaries live at a time, and with remat the
   backward recomputes one block per scan step. The blocks must be identical modules."""
-  graphdefs, states = zip(*(nnx.split(block) for block in blocks))
+  graphdefs, states, others = zip(*(nnx.split(block, nnx.Param, ...) for block in blocks))
   for i, graphdef in enumerate(graphdefs[1:], start=1):
     if graphdef != graphdefs[0]:
       raise ValueError(
           f"scan_layers: got True, but block {i} differs from block 0 in a static attribute "
           "(e.g. Lightning's per-layer decay); expected identical blocks, or scan_layers=False")
+  extra = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(others)]
+  if extra:   # state a block would update (rng counts, statistics) is not carried by the scan
+    raise ValueError(f"scan_layers: got True, but the blocks hold non-parameter state {extra[:4]}"
+                     "; expected parameters only, or scan_layers=False")
   stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
   def step(h: jax.Array, state: nnx.State) -> tuple[jax.Array, Aux]:
-    h, aux = _block_forward(nnx.merge(graphdefs[0], state), h, segment_ids)
+    h, aux = _block_forward(nnx.merge(graphdefs[0], state, others[0]), h, segment_ids)
     return parallel.constrain(h, "batch", "length", None), aux
 
-  h, aux = jax.lax.scan(jax.checkpoint(step) if remat else step, h, stacked)
+  # prevent_cse=False: the scan already keeps the recomputation apart (jax.checkpoint's docs)
+  h, aux = jax.lax.scan(jax.checkpoint(step, prevent_cse=False) if remat else step, h, stacked)
   return h, [jax.tree.map(lambda a, i=i: a[i], aux) for i in range(len(blocks))]
 
 

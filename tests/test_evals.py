@@ -27,11 +27,18 @@ def test_timing_rows_and_plot(tmp_path) -> None:
                       heads=1, dim=16)
   assert [(r["case"], r["T"]) for r in rows] == [("gla", 32), ("gla", 64), ("softmax", 32),
                                                  ("softmax", 64)]
-  assert all(r["seconds"] > 0 for r in rows)
+  assert all(r["seconds"] is not None and r["skipped"] is None for r in rows)
   figure = timing.plot(rows, str(tmp_path / "t.png"))
   assert isinstance(figure, matplotlib.figure.Figure) and (tmp_path / "t.png").stat().st_size
   with pytest.raises(ValueError, match=r"case: got 'mamba'; expected one of \('gla'"):
     timing.inputs("mamba", 32)
+
+
+def test_a_case_too_big_for_the_device_is_compiled_not_run(monkeypatch) -> None:
+  monkeypatch.setattr(timing, "device_memory_budget_bytes", lambda: 1000)
+  row = timing.measure("softmax", "xla", 32, runs=1, heads=1, dim=16)
+  assert row["seconds"] is None and row["memory_bytes"] > 500
+  assert row["skipped"].startswith("needs ") and "over 50% of the device's" in row["skipped"]
 
 
 def test_recall_datasets_and_names() -> None:

@@ -212,6 +212,13 @@ def test_scan_layers_same_logits_aux_and_grads(changes: dict) -> None:
     return jnp.mean(jax.nn.logsumexp(logits, -1)) + aux_loss(aux), (logits, aux)
 
   model = build(config)
+  # the scanned forward is one scan over the 3 blocks at the top of the jaxpr; the loop has none
+  for scan, count in ((False, 0), (True, 1)):
+    graphdef = nnx.graphdef(build(config.replace(scan_layers=scan)))
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens, segment_ids=segments)[0])(
+        nnx.state(model))
+    assert sum(e.primitive.name == "scan" and e.params["length"] == 3
+               for e in jaxpr.jaxpr.eqns) == count, scan
   results = []
   for scan in (False, True):
     scanned = nnx.merge(nnx.graphdef(build(config.replace(scan_layers=scan))), nnx.state(model))
@@ -232,11 +239,11 @@ def test_scan_layers_same_logits_aux_and_grads(changes: dict) -> None:
 
 def test_scan_layers_needs_identical_blocks() -> None:
   # Lightning's decay depends on the layer's depth: same kinds, different static attributes
-  config = ModelConfig(**dict(TINY, pattern="L", num_layers=2, moe_every=0,
-                              linear_variant="lightning", scan_layers=True))
-  with pytest.raises(ValueError, match="scan_layers: got True, but block 1 differs from "
-                     "block 0 in a static attribute"):
-    build(config)(jnp.zeros((1, 4), jnp.int32))
+  for mixer in (dict(linear_variant="lightning"), dict(mixer="mom", mom_core="lightning")):
+    with pytest.raises(ValueError, match="scan_layers: got True; expected False with the "
+                       "'lightning' gate: its constants depend on the layer's depth"):
+      ModelConfig(**dict(TINY, pattern="L", num_layers=2, moe_every=0, scan_layers=True,
+                         **mixer))
 
 
 # ----------------------------------------------------------------- parameter counts

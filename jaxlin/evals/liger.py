@@ -1,9 +1,13 @@
 """Liger on a pretrained Llama-family checkpoint: convert, LoRA fine-tune, compare, decode.
 
     from jaxlin.evals import liger
+    from jaxlin.training import cli
     setup = liger.Setup(checkpoint="/tmp/jaxlin/smollm2-135m", steps=60)
     config = liger.run_config(setup, cli.load_config_file("configs/liger.py"))
+    dataset, held_out = liger.held_out_batches(config, setup.eval_batches)
     model_config, params = liger.load(setup, "liger_attention", lora=True)
+    params, losses, _ = liger.finetune(model_config, params, config, dataset, setup.steps, print)
+    liger.perplexity(model_config, params, held_out)
 
 The pieces of `benchmarks/liger.py` (the CLI: every model, JSON + PNG) and `colab/liger.ipynb`.
 
@@ -17,25 +21,26 @@ lr 1e-3; only the adapters train):
                       maps; no softmax branch): before (b) and after (c) the steps
     liger_attention   every layer Liger Attention (0.5 * sliding-window softmax over 64
                       tokens + 0.5 * Liger-GLA): before (b) and after (c)
-    liger_gdn         (opt-in, --models) Gated DeltaNet instead of GLA: jaxlin's
-                      extension, not in the paper
+    liger_gdn         Gated DeltaNet instead of GLA: jaxlin's extension, not in the
+                      paper (not in DEFAULT_MODELS)
 
 Perplexity is on held-out works of the embedded Shakespeare corpus (configs/liger.py's data:
 data.validation_fraction of the works, never trained on), tokenized with the checkpoint's
-tokenizer.json. Decoding: a `--context`-token prompt is prefilled, then `--decode-tokens` greedy
-tokens are decoded one at a time (each a jitted step; tok/s from their wall time) by each model
+tokenizer.json. Decoding (`decode_speed`): a `context`-token prompt is prefilled, then
+`decode_tokens` greedy tokens are decoded one at a time (each a jitted step; tok/s from their wall time) by each model
 as the run leaves it (fine-tuned ones with their adapters merged); the cache
 bytes are those of the decode cache (`model.init_cache`): the original's KV cache grows with
 the context, a Liger layer's state [H, D, D] and 64-token window ring buffer do not.
 
-Writes JSON (every number, every loss curve, the command and machine) and a PNG (perplexity per
-model; cache bytes vs context; decode tok/s). Targets (the issue's, not tests): after
+`plot` draws a run's result (perplexity per model; cache bytes vs context; decode tok/s), as
+`benchmarks/liger.py` writes it to JSON. Targets (the issue's, not tests): after
 fine-tuning Liger Attention within 15% of (d)'s perplexity, Liger-GLA within 35%; at 4K context
 the converted model's cache under a quarter of the original's.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -72,24 +77,24 @@ DECODE_MODELS = ("original", "liger_gla", "liger_attention", "liger_gdn")
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """What every model gets."""
-  checkpoint: str
-  steps: int                 # LoRA steps of each fine-tuned model
-  seq_len: int               # tokens per training / eval row
-  batch_size: int
-  eval_batches: int          # held-out batches of the perplexity
-  learning_rate: float
-  lora_rank: int
-  lora_alpha: float
-  context: int               # decode benchmark: prompt length
-  decode_tokens: int         # decode benchmark: tokens timed
-  seed: int
+  """What every model gets (the defaults are benchmarks/liger.py's)."""
+  checkpoint: str = "/tmp/jaxlin/smollm2-135m"   # a Hugging Face Llama-family directory
+  steps: int = 60               # LoRA steps of each fine-tuned model
+  seq_len: int = 256            # tokens per training / eval row
+  batch_size: int = 4
+  eval_batches: int = 8         # held-out batches of the perplexity
+  learning_rate: float = 1e-3
+  lora_rank: int = 8
+  lora_alpha: float = 8.0
+  context: int = 4096           # decode benchmark: prompt length
+  decode_tokens: int = 16       # decode benchmark: tokens timed
+  seed: int = 0
 
 
 def run_config(setup: Setup, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`base` (configs/liger.py's get_config(): its data and optimizer recipe) with the setup's
   checkpoint, sizes and steps."""
-  config = base.copy_and_resolve_references()
+  config = copy.deepcopy(base)   # keeps its references (data.tokenizer follows init_from)
   config.init_from = setup.checkpoint
   config.seed = setup.seed
   config.data.update(seq_len=setup.seq_len, batch_size=setup.batch_size)

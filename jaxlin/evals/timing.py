@@ -22,6 +22,7 @@ with respect to every input. The linear ops cost O(T) per sequence, attention O(
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -39,13 +40,33 @@ from jaxlin.ops.families import FAMILIES
 
 CASES = ("gla", "gated_deltanet", "softmax")
 CHUNK = 64
+MEMORY_FRACTION = 0.5   # a case whose compiled program needs more of the device is not run
 SLOW_RUN_S = 2.0  # a call slower than this (its warm-up) is timed only SLOW_RUN_COUNT times
 SLOW_RUN_COUNT = 3
 
 
 def available_impls() -> tuple[str, ...]:
-  """("xla",), plus "pallas" where the default backend has the kernels (GPU, TPU)."""
-  return ("xla", "pallas") if jax.default_backend() in ("gpu", "tpu") else ("xla",)
+  """("xla",), plus "pallas" where the default backend has the kernels: TPU, and GPUs of
+  compute capability >= 8.0 (Pallas Triton)."""
+  device = jax.devices()[0]
+  if device.platform == "tpu" or (
+      device.platform == "gpu" and float(getattr(device, "compute_capability", 0) or 0) >= 8.0):
+    return ("xla", "pallas")
+  return ("xla",)
+
+
+def device_memory_budget_bytes() -> int | None:
+  """Memory available to the default device: its bytes_limit, else the host's physical memory."""
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+  except Exception:  # some backends do not implement it
+    stats = {}
+  if "bytes_limit" in stats:
+    return int(stats["bytes_limit"])
+  try:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return None
 
 
 def inputs(case: str, seq_len: int, *, batch: int = 1, heads: int = 4, dim: int = 64,
@@ -122,13 +143,21 @@ def _program(case: str, impl: str, backward: bool) -> Callable[[dict[str, jax.Ar
 
 def measure(case: str, impl: str, seq_len: int, *, backward: bool = False, runs: int = 3,
             **shape: Any) -> dict[str, Any]:
-  """One row: {case, impl, T, pass, seconds, memory_bytes} (`shape`: see `inputs`)."""
+  """One row: {case, impl, T, pass, seconds, memory_bytes, skipped} (`shape`: see `inputs`).
+  A case whose compiled memory exceeds MEMORY_FRACTION of the device is compiled, not run
+  (seconds None, `skipped` says why)."""
   x = inputs(case, seq_len, **shape)
   compiled = jax.jit(_program(case, impl, backward)).lower(x).compile()
-  seconds = median_seconds(compiled, x, min_runs=runs, max_runs=runs, min_total_s=0.0)
-  return {"case": case, "impl": "xla" if case == "softmax" else impl, "T": seq_len,
-          "pass": "forward+backward" if backward else "forward", "seconds": seconds,
-          "memory_bytes": compiled_memory(compiled)[0]}
+  memory, budget = compiled_memory(compiled)[0], device_memory_budget_bytes()
+  row = {"case": case, "impl": "xla" if case == "softmax" else impl, "T": seq_len,
+         "pass": "forward+backward" if backward else "forward", "seconds": None,
+         "memory_bytes": memory, "skipped": None}
+  if memory is not None and budget is not None and memory > MEMORY_FRACTION * budget:
+    row["skipped"] = (f"needs {memory / 2**30:.1f} GiB, over {MEMORY_FRACTION:.0%} of the "
+                      f"device's {budget / 2**30:.1f} GiB")
+  else:
+    row["seconds"] = median_seconds(compiled, x, min_runs=runs, max_runs=runs, min_total_s=0.0)
+  return row
 
 
 def sweep(lengths: list[int], impls: tuple[str, ...] = ("xla",), cases: tuple[str, ...] = CASES,
@@ -140,9 +169,12 @@ def sweep(lengths: list[int], impls: tuple[str, ...] = ("xla",), cases: tuple[st
     for impl in (("xla",) if case == "softmax" else impls):
       for seq_len in lengths:
         rows.append(measure(case, impl, seq_len, backward=backward, runs=runs, **shape))
-        memory = rows[-1]["memory_bytes"]
-        log(f"{case:15s} {impl:7s} T={seq_len:6d}  {rows[-1]['seconds'] * 1e3:9.2f} ms  "
-            + (f"{memory / 2**20:9.1f} MiB" if memory is not None else "memory n/a"))
+        row = rows[-1]
+        time_ms = "skipped" if row["seconds"] is None else f"{row['seconds'] * 1e3:.2f} ms"
+        memory = ("memory n/a" if row["memory_bytes"] is None
+                  else f"{row['memory_bytes'] / 2**20:.1f} MiB")
+        log(f"{case:15s} {impl:7s} T={seq_len:6d}  {time_ms:>12s}  {memory:>12s}"
+            + (f"  ({row['skipped']})" if row["skipped"] else ""))
   return rows
 
 

@@ -301,6 +301,8 @@ class GateSpec:
   build: Callable[[GateContext], nnx.Module]
   per_key: bool = False          # g has a key axis [..., H, K] (else [..., H] or None)
   gives_keys: bool = False       # GateOut.keys replaces the key projection (HGRN2)
+  per_depth: bool = False        # its constants depend on the layer's place in the stack
+                                 # (Lightning's decay): blocks differ, so no layer scan
   convolved: bool = False        # with the layer's short conv, the gate's logits
                                  # (module.project(x) [..., module.logit_features]) run
                                  # through a conv of their own, no activation, before
@@ -311,7 +313,7 @@ class GateSpec:
 GATES: dict[str, GateSpec] = {
     "none": GateSpec(lambda c: NoGate()),
     "lightning": GateSpec(lambda c: FixedDecay(
-        lightning_log_decay(c.num_heads, c.layer_index, c.num_layers))),
+        lightning_log_decay(c.num_heads, c.layer_index, c.num_layers)), per_depth=True),
     "retention": GateSpec(lambda c: FixedDecay(retention_log_decay(c.num_heads))),
     "gla": GateSpec(lambda c: LowRankLogSigmoidGate(
         c.d_model, c.num_heads, c.key_dim, low_rank=c.options.get("gate_low_rank", 16),

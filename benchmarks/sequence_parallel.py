@@ -147,9 +147,7 @@ def collective_bytes(hlo: str) -> dict[str, int]:
 
 def measure(method: str, time_len: int, shards: int, runs: int) -> dict[str, Any]:
   devices = jax.devices()[:shards]
-  shape = tuple(shards if a == "sequence" else 1 for a in parallel.AXES)
-  mesh = jax.make_mesh(shape, parallel.AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+  mesh = parallel.make_mesh({"data": 1, "sequence": shards}, devices)
   collective = {"lasp2": "all_gather", "lasp2_scan": "ppermute_scan"}.get(method, "ring")
   # every [B, T, ...] input (and its gradient) lives split over the sequence, as in a model
   spans = jax.sharding.NamedSharding(mesh, PartitionSpec(None, "sequence"))

@@ -189,9 +189,7 @@ def sequence_parallel(seq_len: int, *, devices: list | None = None, runs: int = 
   result = {"devices": len(devices), "T": seq_len,
             "seconds_one_device": median_seconds(one, x, min_runs=runs, max_runs=runs,
                                                  min_total_s=0.0)}
-  mesh = jax.make_mesh(tuple(len(devices) if a == "sequence" else 1 for a in parallel.AXES),
-                       parallel.AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(parallel.AXES))
+  mesh = parallel.make_mesh({"data": 1, "sequence": len(devices)}, devices)
   spans = NamedSharding(mesh, PartitionSpec(None, "sequence"))
 
   def loss(x: dict[str, jax.Array]) -> jax.Array:

@@ -179,9 +179,9 @@ def _conv(weight: jax.Array, x: np.ndarray) -> np.ndarray:
   return sum(w[j] * padded[j:j + x.shape[0]] for j in range(size))
 
 
-def _conv_silu(weight: jax.Array, x: np.ndarray) -> np.ndarray:
-  """Causal depthwise conv, then SiLU: x [T, C]."""
-  return _silu(_conv(weight, x))
+def _conv_silu(weight: jax.Array, x: np.ndarray, bias: jax.Array | None = None) -> np.ndarray:
+  """Causal depthwise conv (+ bias), then SiLU: x [T, C]."""
+  return _silu(_conv(weight, x) + (0.0 if bias is None else _np(bias)))
 
 
 def _rmsnorm(o: np.ndarray, weight: jax.Array, eps: float = 1e-5) -> np.ndarray:
@@ -203,9 +203,10 @@ def _finish(m: LinearAttention, o: np.ndarray, x_gate: np.ndarray | None) -> np.
 
 
 def _gate_then_norm(m: LinearAttention, o: np.ndarray, x: np.ndarray) -> np.ndarray:
-  """Mamba2's output: RMSNorm(o * silu(x W_z)) over all H*V channels (one group), then W_o."""
-  gated = (o * _silu(_heads(_linear(m.g_proj, x)))).reshape(o.shape[0], -1)
-  return _linear(m.o_proj, _rmsnorm(gated, m.norm.weight[...]))
+  """Mamba2's output: RMSNorm(o_h * silu(x W_z)_h) per head (one group per head, a weight
+  per channel), then W_o."""
+  gated = o * _silu(_heads(_linear(m.g_proj, x)))
+  return _linear(m.o_proj, _rmsnorm(gated, m.norm.weight[...]).reshape(o.shape[0], -1))
 
 
 def _l2(a: np.ndarray) -> np.ndarray:
@@ -215,7 +216,8 @@ def _l2(a: np.ndarray) -> np.ndarray:
 def _qkv_conv(m: LinearAttention, x: np.ndarray) -> tuple[np.ndarray, ...]:
   """q, k, v [T, H, *] after the projections and the short conv."""
   parts = [_linear(m.q_proj, x), _linear(m.k_proj, x), _linear(m.v_proj, x)]
-  joint = _conv_silu(m.conv.weight[...], np.concatenate(parts, -1))
+  joint = _conv_silu(m.conv.weight[...], np.concatenate(parts, -1),
+                     None if m.conv.bias is None else m.conv.bias[...])
   sizes = np.cumsum([p.shape[-1] for p in parts])[:-1]
   return tuple(_heads(a) for a in np.split(joint, sizes, -1))
 
@@ -233,8 +235,9 @@ def _gla(m: LinearAttention, x: np.ndarray) -> np.ndarray:
 
 
 def _mamba2(m: LinearAttention, x: np.ndarray) -> np.ndarray:
-  """SSD: h_t = exp(dt_t A) h + dt_t B_t x_t^T, y_t = C_t^T h_t + D x_t (C = q, B = k, x = v);
-  out = W_o RMSNorm(y * silu(z)) over every head's channels (Mamba2's gate-then-norm)."""
+  """SSD: h_t = exp(dt_t A) h + dt_t B_t x_t^T, y_t = C_t^T h_t + D x_t (C = q, B = k, x = v,
+  after the short conv with its bias); out = W_o RMSNorm(y_h * silu(z_h)) per head (Mamba2's
+  gate-then-norm, one group per head)."""
   c, b, xv = _qkv_conv(m, x)
   dt = _softplus(_linear(m.gate.proj, x) + _np(m.gate.dt_bias[...]))       # [T, H]
   a = -np.exp(_np(m.gate.A_log[...]))

@@ -53,10 +53,14 @@ class ShortConv(nnx.Module):
     self.channels = channels
     self.kernel_size = kernel_size
     self.activation = activation
-    bound = kernel_size ** -0.5  # fan-in of a depthwise conv is the kernel size
+    # weight and bias ~ U(-K^-1/2, K^-1/2): the fan-in of a depthwise conv is the kernel size
+    # (PyTorch's Conv1d default, which Mamba2's conv1d keeps)
+    bound = kernel_size ** -0.5
     self.weight = nnx.Param(jax.random.uniform(
         rngs.params(), (kernel_size, channels), param_dtype, -bound, bound))
-    self.bias = nnx.Param(jnp.zeros((channels,), param_dtype)) if use_bias else None
+    self.bias = (nnx.Param(jax.random.uniform(rngs.params(), (channels,), param_dtype, -bound,
+                                              bound))
+                 if use_bias else None)
 
   def init_state(self, batch: int, dtype: jnp.dtype = f32) -> jax.Array:
     """Zero state [B, K-1, C]: no input seen yet."""

@@ -15,7 +15,7 @@ Pipeline (each stage switched by the variant's row in `VARIANTS`, overridable):
       -> [normalised (Based/Rebased): o = o[:V] / (o[V] + eps), v extended by a ones column]
       -> [Mamba2 skip: o += D_h v]
       -> per-head RMSNorm -> [output gate: * silu(W_g x)] -> y = W_o o
-         (Mamba2: RMSNorm(o * silu(W_g x)) over all heads' channels, `OutputNorm`)
+         (Mamba2: per-head RMSNorm(o * silu(W_g x)), `OutputNorm`)
 
 Variants (`VARIANTS`; `register_variant` adds one): bla (basic linear attention),
 lightning, retention, gla, mamba2, hgrn2, rwkv6, based, rebased, deltanet,
@@ -24,8 +24,9 @@ either name, and `MixtureOfMemories` runs the same stages (`OpStages`) per memor
 lightning -slope_h (ALiBi, layer dependent), retention log(1 - 2^(-5-h)),
 gla logsigmoid(W2 W1 x)/16, mamba2/gated_deltanet/comba -exp(A_log) softplus(W x +
 dt_bias), hgrn2 log(sigmoid(W x)) (optional lower bound), rwkv6 -exp(lora(x_w)) with
-bonus u. Mamba2 also scales v by its step size dt, adds the skip D_h v and gates before
-its norm (its B, C are per head here, Mamba2 shares them across heads). Comba removes with strength
+bonus u. Mamba2 also scales v by its step size dt, adds the skip D_h v, gates before
+its norm and gives its short conv a bias (its B, C are per head here, Mamba2 shares them
+across heads). Comba removes with strength
 b_t = beta_t sigmoid(c_h) (its write strength is beta_t).
 
 Cache (constant size): "state" [B, H, K', V'] float32, "conv" [B, conv_size - 1, C],
@@ -79,7 +80,8 @@ class Variant:
   skip: bool = False                # Mamba2: o += D_h v
   removal: bool = False             # Comba: removal b = beta sigmoid(c_h)
   query_correction: bool = False    # Comba: q' = q - d_h k
-  gate_before_norm: bool = False    # Mamba2: RMSNorm(o * silu(z)) over all H*V channels
+  gate_before_norm: bool = False    # Mamba2: RMSNorm(o_h * silu(z_h)) per head
+  conv_bias: bool = False           # Mamba2: its short conv has a bias (U(-1/2, 1/2) at init)
 
   def check(self, name: str) -> None:
     """Raises ValueError unless the row's family and gate exist and fit each other."""
@@ -105,7 +107,8 @@ VARIANTS: dict[str, Variant] = {
     "retention": Variant("gated", "retention", "identity", False, True, True, rope=True),
     "gla": Variant("gated", "gla", "identity", False, True, True),
     "mamba2": Variant("gated", "mamba2", "identity", True, True, True, scale=1.0,
-                      step_scaled_values=True, skip=True, gate_before_norm=True),
+                      step_scaled_values=True, skip=True, gate_before_norm=True,
+                      conv_bias=True),
     "hgrn2": Variant("gated", "hgrn2", "swish", False, False, True),
     "rwkv6": Variant("gated", "rwkv6", "identity", False, True, True, scale=1.0, bonus=True,
                      token_shift=True),
@@ -210,32 +213,32 @@ def token_mixes(shift_mix: nnx.Module | None, x: jax.Array, previous: jax.Array 
 
 
 class OutputNorm(nnx.Module):
-  """The norm after the op, and the output gate z when the layer has one.
+  """The per-head norm after the op, and the output gate z when the layer has one.
 
-    per head (every row but Mamba2):  o_h <- RMSNorm(o_h) [* silu(z_h)]     weight [V]
-    gate_before_norm (Mamba2):        o <- RMSNorm(o * silu(z)) over the H*V channels of a
-                                      token (mamba_ssm's RMSNormGated, norm_before_gate=False,
-                                      one group)                            weight [H*V]
+    every row but Mamba2:     o_h <- RMSNorm(o_h) [* silu(z_h)]          weight [V]
+    gate_before_norm (Mamba2): o_h <- RMSNorm(o_h * silu(z_h))            weight [H*V]
+                              (mamba_ssm's RMSNormGated, norm_before_gate=False, one group
+                              per head: a head here has its own B, C, as a Mamba2 group does)
   """
 
   def __init__(self, row: Variant, *, gated: bool, num_heads: int, value_dim: int,
                eps: float, param_dtype: jnp.dtype = f32) -> None:
     self.gated, self.eps = gated, eps
-    self.whole_width = gated and row.gate_before_norm
-    dim = num_heads * value_dim if self.whole_width else value_dim
-    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.gate_first = gated and row.gate_before_norm
+    shape = (num_heads, value_dim) if self.gate_first else (value_dim,)
+    self.weight = nnx.Param(jnp.ones(shape, param_dtype))
 
   def __call__(self, o: jax.Array, z: jax.Array | None) -> jax.Array:
     """o [B, T, H, V], z [B, T, H*V] (None unless gated) -> [B, T, H*V] in o's dtype."""
     batch, time = o.shape[:2]
     x = o.astype(f32)
     gate = None if not self.gated else jax.nn.silu(z.astype(f32).reshape(x.shape))
-    if self.whole_width:
-      y = rms_normalise((x * gate).reshape(batch, time, -1), self.weight[...], self.eps)
+    if self.gate_first:
+      y = rms_normalise(x * gate, self.weight[...], self.eps)
     else:
       y = rms_normalise(x, self.weight[...], self.eps)
-      y = (y if gate is None else y * gate).reshape(batch, time, -1)
-    return y.astype(o.dtype)
+      y = y if gate is None else y * gate
+    return y.reshape(batch, time, -1).astype(o.dtype)
 
 
 def check_keys_feature_map(spec: gates.GateSpec, feature_map: str, key_dim: int) -> None:
@@ -345,7 +348,7 @@ class LinearAttention(nnx.Module):
     self.v_proj = lin(d_model, heads * value_dim)
     conv_channels = heads * (key_dim * (1 if self.k_proj is None else 2) + value_dim)
     self.conv = (ShortConv(conv_channels, kernel_size=conv_size, activation="silu",
-                           rngs=rngs, param_dtype=param_dtype)
+                           use_bias=row.conv_bias, rngs=rngs, param_dtype=param_dtype)
                  if self.use_short_conv else None)
     self.q_map = feature_maps.FeatureMap(feature_map, key_dim, rngs=rngs,
                                          param_dtype=param_dtype)

@@ -238,7 +238,8 @@ class MixtureOfMemories(nnx.Module):
     self.k_map = (None if self.k_proj is None else feature_maps.FeatureMap(
         row.feature_map, self.key_dim, rngs=rngs, param_dtype=param_dtype))
     conv = lambda channels: (ShortConv(channels, kernel_size=conv_size, activation="silu",
-                                       rngs=rngs, param_dtype=param_dtype)
+                                       use_bias=row.conv_bias, rngs=rngs,
+                                       param_dtype=param_dtype)
                              if self.use_short_conv else None)
     self.q_conv, self.v_conv = conv(hk), conv(hv)
     self.k_conv = None if self.k_proj is None else conv(hk)

@@ -19,7 +19,7 @@ tokens routed to it (a memory's tokens form its own stream, in time order):
 
 The optional shared memory (slot M, weight 1) sees every token. Then, as in the
 core's layer: y = W_o OutputNorm(o, x W_z) (per head RMSNorm(o) * silu(z); Mamba2:
-RMSNorm(o * silu(z)) over all heads; RMSNorm or nothing when the row has no output gate).
+per head RMSNorm(o * silu(z)); RMSNorm or nothing when the row has no output gate).
 The short causal conv (SiLU) on q, k, v runs inside each memory's stream (its taps
 are the previous tokens routed to the same memory, as in fla's MoM), and so does a
 convolved gate's own conv (HGRN2's logits, no activation); without it, a core whose row

@@ -353,8 +353,8 @@ def _perturb(module: nnx.Module, seed: int) -> None:
 
 def _copy_core_into_mom(layer: LinearAttention, mom: MixtureOfMemories) -> None:
   """Puts the core layer's weights into a one-memory MoM (linear in the weights, so it maps
-  gradients as well): projections (memory axis of size 1), the joint conv split into the
-  q / k / v convs, the gate, beta, the feature maps, the variant's extras and the output."""
+  gradients as well): projections (memory axis of size 1), the joint conv (and its bias)
+  split into the q / k / v convs, the gate, beta, the feature maps, the variant's extras and the output."""
   slot = lambda a: a[...][None]
   mom.q_proj[...] = layer.q_proj.kernel[...]
   mom.v_proj[...] = slot(layer.v_proj.kernel)
@@ -365,6 +365,8 @@ def _copy_core_into_mom(layer: LinearAttention, mom: MixtureOfMemories) -> None:
     start = 0
     for conv in convs:
       conv.weight[...] = layer.conv.weight[...][:, start:start + conv.channels]
+      if layer.conv.bias is not None:   # Mamba2's conv bias
+        conv.bias[...] = layer.conv.bias[...][start:start + conv.channels]
       start += conv.channels
   if layer.gate_conv is not None:
     mom.gate_conv.weight[...] = layer.gate_conv.weight[...]

@@ -216,7 +216,7 @@ class OutputNorm(nnx.Module):
   """The per-head norm after the op, and the output gate z when the layer has one.
 
     every row but Mamba2:     o_h <- RMSNorm(o_h) [* silu(z_h)]          weight [V]
-    gate_before_norm (Mamba2): o_h <- RMSNorm(o_h * silu(z_h))            weight [H*V]
+    gate_before_norm (Mamba2): o_h <- RMSNorm(o_h * silu(z_h))            weight [H, V]
                               (mamba_ssm's RMSNormGated, norm_before_gate=False, one group
                               per head: a head here has its own B, C, as a Mamba2 group does)
   """

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxlin import validation
-from jaxlin.layers import (feature_maps, gates, liger, linear_attention, lora, moe, rope,
-                           routing)
+from jaxlin.layers import (feature_maps, gates, initializers, liger, linear_attention, lora,
+                           moe, rope, routing)
 from jaxlin.ops import arguments
 from jaxlin.ops import attention as attention_ops
 
@@ -124,7 +124,11 @@ class ModelConfig:
                                        # (stacked weights): one block's gathered weights
                                        # and temporaries live at a time; needs identical
                                        # blocks (one layer type, every block MoE or none)
-  init_std: float = 0.02               # N(0, std^2): embedding, head, MLP / MoE, softmax, MoM router
+  init_std: float = 0.02               # N(0, std^2): embedding, softmax, MoM / MoE router; and the
+                                       # dense weights under dense_init "normal"
+  dense_init: str = "normal"           # head, SwiGLU and MoE experts: "normal" N(0, init_std^2)
+                                       # or "fan_in" U(+-fan_in^-1/2), PyTorch's Linear default
+                                       # (jaxlin.layers.initializers)
   norm_eps: float = 1e-6               # of the model's RMSNorms
 
   def __post_init__(self) -> None:
@@ -262,6 +266,7 @@ class ModelConfig:
                            "layer's depth, so the blocks differ")
     for name in ("init_std", "moe_aux_coef", "moe_z_coef", "mom_aux_coef", "norm_eps"):
       validation.non_negative(name, getattr(self, name))
+    validation.choice("dense_init", self.dense_init, tuple(initializers.DENSE_INITS))
     validation.require(self.rope_theta > 0, "rope_theta", self.rope_theta, "a number > 0")
     rope.check_scaling(self.rope_scaling)
     self.lora_spec()

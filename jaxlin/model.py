@@ -32,6 +32,7 @@ from jaxlin import parallel
 from jaxlin.config import ModelConfig
 from jaxlin.layers.attention import SoftmaxAttention
 from jaxlin.layers.base import Aux, Cache, ParamCounts
+from jaxlin.layers.initializers import dense_initializer
 from jaxlin.layers.liger import LigerAttention
 from jaxlin.layers.linear_attention import LinearAttention
 from jaxlin.layers.mlp import SwiGLU
@@ -82,7 +83,7 @@ def build_token_mixer(config: ModelConfig, index: int, *, rngs: nnx.Rngs) -> nnx
 def build_channel_mixer(config: ModelConfig, index: int, *, rngs: nnx.Rngs) -> nnx.Module:
   """The channel mixer of block `index`: MoE when config.is_moe_layer(index), else SwiGLU."""
   common = dict(dtype=config.compute_dtype(), param_dtype=config.parameter_dtype(),
-                rngs=rngs, init_std=config.init_std)
+                rngs=rngs, init_std=config.init_std, dense_init=config.dense_init)
   if config.is_moe_layer(index):
     return MoE(
         config.d_model, num_experts=config.num_experts, top_k=config.moe_top_k,
@@ -177,7 +178,8 @@ class LanguageModel(nnx.Module):
   """Hybrid linear / softmax language model (see the module docstring for the math).
 
   Parameters: embedding [V, D] ~ N(0, init_std^2); blocks; final RMSNorm [D];
-  head [D, V] ~ N(0, init_std^2) unless tie_embeddings (logits = h E^T).
+  head [D, V] initialised by config.dense_init (N(0, init_std^2) or U(+-D^-1/2)) unless
+  tie_embeddings (logits = h E^T).
   """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs) -> None:
@@ -188,8 +190,9 @@ class LanguageModel(nnx.Module):
     self.embedding = nnx.Param(init(rngs.params(), (config.vocab_size, config.d_model), pdt))
     self.blocks = nnx.List([Block(config, i, rngs=rngs) for i in range(config.num_layers)])
     self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=pdt)
+    head_init = dense_initializer(config.dense_init, config.init_std)
     self.head = (None if config.tie_embeddings else
-                 nnx.Param(init(rngs.params(), (config.d_model, config.vocab_size), pdt)))
+                 nnx.Param(head_init(rngs.params(), (config.d_model, config.vocab_size), pdt)))
 
   def init_cache(self, batch_size: int, max_length: int) -> Cache:
     """Empty decoding cache for `batch_size` rows of up to `max_length` tokens."""

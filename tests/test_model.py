@@ -77,6 +77,7 @@ def test_pattern_repeats_to_depth() -> None:
     (dict(dtype="float64"), r"dtype: got 'float64'; expected one of "),
     (dict(feature_map="cosine"), r"feature_map: got 'cosine'; expected one of .*'elu'"),
     (dict(num_layers=0), r"num_layers: got 0; expected an int >= 1"),
+    (dict(dense_init="xavier"), r"dense_init: got 'xavier'; expected one of \('normal', 'fan_in'\)"),
     (dict(pattern="N", d_model=12, num_heads=4), r"head_dim: got 3; expected an even int"),
     (dict(pattern="LLN", num_layers=3, scan_layers=True), r"scan_layers: got True; expected False for blocks of different kinds .*\('L', False\), \('N', False\)"),
     (dict(num_layers=4, moe_every=2, scan_layers=True), r"scan_layers: got True; expected False .*moe_every 0 or 1"),

@@ -88,6 +88,7 @@ class Setup:
   eval_every: int = 100
   short_conv: int = 1                   # -1: each mixer's own; 1 / 0: force the short conv
                                         # on / off in every linear or MoM layer
+  dense_init: str = "normal"            # ModelConfig.dense_init of the head and MLPs
 
   @property
   def replicas(self) -> list[tuple[int, float, int]]:
@@ -100,7 +101,8 @@ def base_model(setup: Setup) -> dict[str, Any]:
   """The ModelConfig fields every mixer shares."""
   return dict(vocab_size=setup.vocab_size, d_model=setup.d_model, num_layers=setup.num_layers,
               num_heads=setup.num_heads, pattern="L", moe_every=0, mlp_hidden=2 * setup.d_model,
-              chunk_size=16, dtype="float32", tie_embeddings=False)
+              chunk_size=16, dtype="float32", tie_embeddings=False,
+              dense_init=setup.dense_init)
 
 
 def model_config(setup: Setup, mixer: str) -> ModelConfig:

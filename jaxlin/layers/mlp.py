@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxlin import validation
 from jaxlin.layers.base import Aux
+from jaxlin.layers.initializers import dense_initializer
 
 f32 = jnp.float32
 
@@ -45,8 +46,8 @@ def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
 class SwiGLU(nnx.Module):
   """Dense SwiGLU MLP: y = W_down (silu(W_gate x) * (W_up x)).
 
-  Weights: w_gate, w_up [D, F] and w_down [F, D], no biases, initialised from
-  N(0, init_std^2). Call: x [B, T, D] -> (y [B, T, D] in `dtype`, {}).
+  Weights: w_gate, w_up [D, F] and w_down [F, D], no biases, initialised by
+  `dense_init` (`jaxlin.layers.initializers`: N(0, init_std^2) or U(+-fan_in^-1/2)). Call: x [B, T, D] -> (y [B, T, D] in `dtype`, {}).
   """
 
   def __init__(
@@ -58,6 +59,7 @@ class SwiGLU(nnx.Module):
       param_dtype: jnp.dtype = f32,
       rngs: nnx.Rngs,
       init_std: float = 0.02,
+      dense_init: str = "normal",
   ) -> None:
     validation.positive_int("d_model", d_model)
     validation.positive_int("hidden_dim", hidden_dim)
@@ -66,7 +68,7 @@ class SwiGLU(nnx.Module):
     self.d_model = d_model
     self.hidden_dim = hidden_dim
     self.dtype = dtype
-    init = jax.nn.initializers.normal(init_std)
+    init = dense_initializer(dense_init, init_std)
     self.w_gate = nnx.Param(init(rngs.params(), (d_model, hidden_dim), param_dtype))
     self.w_up = nnx.Param(init(rngs.params(), (d_model, hidden_dim), param_dtype))
     self.w_down = nnx.Param(init(rngs.params(), (hidden_dim, d_model), param_dtype))

@@ -54,6 +54,7 @@ from flax import nnx
 
 from jaxlin import parallel, validation
 from jaxlin.layers.base import Aux, ParamCounts
+from jaxlin.layers.initializers import dense_initializer
 from jaxlin.layers.mlp import SwiGLU, swiglu_param_count
 from jaxlin.layers.routing import (SCORINGS, Routing, load_balance_loss, route,
                                   router_z_loss)
@@ -235,8 +236,9 @@ class MoE(nnx.Module):
   y = sum_{j<k} w_j f_{e_j}(x) + g(x) f_shared(x) (module docstring for the
   router, dispatch and losses). Parameters: router [D, E]; expert weights
   stacked as w_gate, w_up [E, D, F] and w_down [E, F, D]; `shared` (a SwiGLU of
-  width S * shared_hidden_dim, or None); shared_gate_weight [D, 1] or None. All
-  initialised from N(0, init_std^2). Call: x [B, T, D] -> (y [B, T, D] in
+  width S * shared_hidden_dim, or None); shared_gate_weight [D, 1] or None. The
+  router and the shared gate are initialised from N(0, init_std^2), the experts by
+  `dense_init` (`jaxlin.layers.initializers`). Call: x [B, T, D] -> (y [B, T, D] in
   `dtype`, aux).
   """
 
@@ -259,6 +261,7 @@ class MoE(nnx.Module):
       param_dtype: jnp.dtype = f32,
       rngs: nnx.Rngs,
       init_std: float = 0.02,
+      dense_init: str = "normal",
   ) -> None:
     _check_config(d_model, num_experts, top_k, expert_hidden_dim, scoring,
                   num_shared_experts, shared_hidden_dim, shared_gate, aux_loss_coef,
@@ -279,11 +282,13 @@ class MoE(nnx.Module):
     init = jax.nn.initializers.normal(init_std)
     e, d, f = num_experts, d_model, expert_hidden_dim
     self.router = nnx.Param(init(rngs.params(), (d, e), param_dtype))
-    self.w_gate = nnx.Param(init(rngs.params(), (e, d, f), param_dtype))
-    self.w_up = nnx.Param(init(rngs.params(), (e, d, f), param_dtype))
-    self.w_down = nnx.Param(init(rngs.params(), (e, f, d), param_dtype))
+    expert_init = dense_initializer(dense_init, init_std, ndim=3)   # E is a batch axis
+    self.w_gate = nnx.Param(expert_init(rngs.params(), (e, d, f), param_dtype))
+    self.w_up = nnx.Param(expert_init(rngs.params(), (e, d, f), param_dtype))
+    self.w_down = nnx.Param(expert_init(rngs.params(), (e, f, d), param_dtype))
     self.shared = (SwiGLU(d, num_shared_experts * self.shared_hidden_dim, dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs, init_std=init_std)
+                          param_dtype=param_dtype, rngs=rngs, init_std=init_std,
+                          dense_init=dense_init)
                    if num_shared_experts else None)
     self.shared_gate_weight = (nnx.Param(init(rngs.params(), (d, 1), param_dtype))
                                if shared_gate else None)

@@ -8,9 +8,9 @@ authors' mamba_ssm computes it:
     out = W_out RMSNormGated(y * silu(z)), normalised per group of d_inner / n_groups channels
 
 jaxlin's row has one B, C per head (n_groups = num_heads: a group is a head, and so is the
-norm's group). Its projections are copied from the mixer (C -> q, B -> k, x -> v, z -> the
-output gate, the dt rows -> the gate; the conv's weight and bias, A_log, dt_bias, D, the
-norm's weight, W_out), and the outputs must agree on random inputs (float64 in torch, float32
+norm's group). `jaxlin.interop.mamba2` copies the mixer's weights into it (C -> q, B -> k,
+x -> v, z -> the output gate, the dt rows -> the gate; the conv's weight and bias, A_log,
+dt_bias, D, the norm's weight, W_out), and the outputs must agree on random inputs (float64 in torch, float32
 here, measured ~1e-6 of the output's scale). Slow: needs torch and transformers (CI step 2).
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxlin.interop import mamba2 as interop_mamba2
 from jaxlin.layers.linear_attention import LinearAttention
 
 pytestmark = pytest.mark.slow
@@ -46,24 +47,11 @@ def _mixer() -> object:
 
 
 def _copy(mixer: object, layer: LinearAttention) -> None:
-  """The mixer's weights into the jaxlin layer (torch Linear weights are [out, in])."""
-  value = lambda t: jnp.asarray(t.detach().numpy(), jnp.float32)
-  z, x, b, c, dt = np.split(mixer.in_proj.weight.detach().numpy(),
-                            np.cumsum([H * P, H * P, H * N, H * N]), axis=0)
-  for proj, rows in ((layer.g_proj, z), (layer.v_proj, x), (layer.k_proj, b),
-                     (layer.q_proj, c), (layer.gate.proj, dt)):
-    proj.kernel[...] = jnp.asarray(rows.T, jnp.float32)
-  # conv channels: transformers [x | B | C], jaxlin [q | k | v] = [C | B | x]
-  sizes = np.cumsum([H * P, H * N])
-  cx, cb, cc = np.split(mixer.conv1d.weight.detach().numpy()[:, 0, :], sizes, axis=0)
-  bx, bb, bc = np.split(mixer.conv1d.bias.detach().numpy(), sizes)
-  layer.conv.weight[...] = jnp.asarray(np.concatenate([cc, cb, cx]).T, jnp.float32)
-  layer.conv.bias[...] = jnp.asarray(np.concatenate([bc, bb, bx]), jnp.float32)
-  layer.gate.A_log[...] = value(mixer.A_log)
-  layer.gate.dt_bias[...] = value(mixer.dt_bias)
-  layer.skip[...] = value(mixer.D)
-  layer.norm.weight[...] = value(mixer.norm.weight).reshape(H, P)
-  layer.o_proj.kernel[...] = value(mixer.out_proj.weight).T
+  """The mixer's weights into the jaxlin layer, through `jaxlin.interop.mamba2`."""
+  tensors = {name: t.detach().numpy() for name, t in mixer.state_dict().items()}
+  state = nnx.state(layer, nnx.Param)
+  nnx.replace_by_pure_dict(state, interop_mamba2.mixer_params(tensors, n_groups=H))
+  nnx.update(layer, state)
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])

@@ -21,13 +21,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import torch_mqar  # noqa: E402
 from jaxlin.evals import recall  # noqa: E402
+from jaxlin.interop import mamba2 as interop_mamba2  # noqa: E402
 
 
 def copy_weights(lm: Any, params: dict[str, Any], part: str, heads: int) -> dict[str, Any]:
@@ -43,24 +43,9 @@ def copy_weights(lm: Any, params: dict[str, Any], part: str, heads: int) -> dict
       hidden = up.shape[0] // 2
       ours["mlp"]["w_gate"], ours["mlp"]["w_up"] = up[:hidden].T, up[hidden:].T
       ours["mlp"]["w_down"] = value(block.mlp["down"].weight).T
-    if part not in ("all", "mixer"):
-      continue
-    inner, state = mixer.intermediate_size, heads * mixer.ssm_state_size
-    z, x, b, c, dt = jnp.split(value(mixer.in_proj.weight),
-                               np.cumsum([inner, inner, state, state]), axis=0)
-    m = ours["mixer"]
-    m["g_proj"]["kernel"], m["v_proj"]["kernel"] = z.T, x.T
-    m["k_proj"]["kernel"], m["q_proj"]["kernel"] = b.T, c.T
-    m["gate"]["proj"]["kernel"] = dt.T
-    sizes = np.cumsum([inner, state])
-    cx, cb, cc = jnp.split(value(mixer.conv1d.weight)[:, 0, :], sizes, axis=0)
-    m["conv"]["weight"] = jnp.concatenate([cc, cb, cx]).T          # jaxlin: [q | k | v]
-    bx, bb, bc = jnp.split(value(mixer.conv1d.bias), sizes)
-    m["conv"]["bias"] = jnp.concatenate([bc, bb, bx])
-    m["gate"]["A_log"], m["gate"]["dt_bias"] = value(mixer.A_log), value(mixer.dt_bias)
-    m["skip"] = value(mixer.D)
-    m["norm"]["weight"] = value(mixer.norm.weight).reshape(heads, -1)
-    m["o_proj"]["kernel"] = value(mixer.out_proj.weight).T
+    if part in ("all", "mixer"):
+      tensors = {name: t.detach().numpy() for name, t in mixer.state_dict().items()}
+      ours["mixer"] = interop_mamba2.mixer_params(tensors, n_groups=heads)
   return params
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import matplotlib.figure
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxlin.evals import recall, timing
+from jaxlin.model import LanguageModel
 
 
 def test_attention_memory_grows_quadratically_the_ops_linearly() -> None:
@@ -50,3 +52,18 @@ def test_recall_datasets_and_names() -> None:
   np.testing.assert_array_equal(held_out["inputs"][0], held_out["inputs"][1])
   with pytest.raises(ValueError, match="mixer: got 'gla2'; expected one of"):
     recall.run(setup, ["gla", "gla2"], log=lambda line: None)   # before any training
+
+
+@pytest.mark.parametrize("mixer", ["gated_deltanet", "mom-gated_deltanet"])
+def test_recall_decay_dt_max_reaches_the_gates(mixer: str) -> None:
+  """Setup.decay_dt_max sets dt_max (and dt_min <= it) of every "mamba2" decay gate, in the
+  linear layer and in each memory of MoM; 0 leaves the papers' dt range [1e-3, 0.1]."""
+  def dts(dt_max: float) -> np.ndarray:
+    config = recall.model_config(recall.Setup(decay_dt_max=dt_max), mixer)
+    mixer_0 = LanguageModel(config, rngs=nnx.Rngs(0)).blocks[0].mixer
+    gates = list(mixer_0.gates) if hasattr(mixer_0, "gates") else [mixer_0.gate]
+    return np.logaddexp(0.0, np.concatenate([np.asarray(g.dt_bias[...]) for g in gates]))
+  np.testing.assert_allclose(dts(5e-4), 5e-4, rtol=1e-4)
+  default = dts(0.0)
+  assert default.min() >= 1e-3 * (1 - 1e-4) and default.max() <= 0.1 * (1 + 1e-4)
+  assert default.max() > 2e-3     # drawn over the range, not at its lower end

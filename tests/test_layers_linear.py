@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxlin.layers import feature_maps, gates
 from jaxlin.layers.linear_attention import VARIANTS, LinearAttention
+from jaxlin.layers.mom import MixtureOfMemories
 
 B, T, D, H = 2, 21, 32, 2
 DOC1 = 9            # packed row: tokens [0, 9) are document 1, [9, 21) document 2
@@ -485,6 +486,31 @@ def test_mamba2_decay_starts_at_the_papers_init() -> None:
   lo, hi = np.log(1e-3), np.log(0.1)
   np.testing.assert_allclose([log_dt.mean(), log_dt.std()],
                              [(lo + hi) / 2, (hi - lo) / np.sqrt(12)], rtol=0.05)
+
+
+@pytest.mark.parametrize("variant, a_range", [("mamba2", (1.0, 16.0)),
+                                              ("gated_deltanet", (0.0, 16.0)),
+                                              ("comba", (0.0, 16.0))])
+def test_decay_init_of_each_row_and_its_options(variant: str, a_range: tuple[float, float]
+                                                ) -> None:
+  """A ~ U(a_range): mamba_ssm's (1, 16) for Mamba2, fla's (0, 16) for Gated DeltaNet and
+  Comba (through the row's gate_options); a layer's gate_options override the row's (dt_max:
+  every dt = dt_min = 1e-3), in LinearAttention and in MoM's memories."""
+  heads = 1024
+  layer = LinearAttention(2 * heads, heads, variant=variant, head_dim=2, rngs=nnx.Rngs(0))
+  a = np.exp(np.asarray(layer.gate.A_log[...], np.float64))
+  lo, hi = a_range
+  assert a.min() >= lo and a.max() <= hi + 1e-4
+  np.testing.assert_allclose([a.mean(), a.std()], [(lo + hi) / 2, (hi - lo) / np.sqrt(12)],
+                             rtol=0.05)
+  options = {"dt_max": 1e-3, "a_init_range": (2.0, 3.0)}
+  small = LinearAttention(8, 2, variant=variant, gate_options=options, rngs=nnx.Rngs(0))
+  mom = MixtureOfMemories(8, 2, core=variant, gate_options=options, rngs=nnx.Rngs(0))
+  for gate in (small.gate, *mom.gates):
+    np.testing.assert_allclose(np.logaddexp(0.0, np.asarray(gate.dt_bias[...], np.float64)),
+                               1e-3, rtol=1e-5)
+    a = np.exp(np.asarray(gate.A_log[...]))
+    assert np.all((a >= 2.0 - 1e-5) & (a <= 3.0 + 1e-5)), a
 
 
 def test_feature_map_kernels() -> None:

@@ -10,8 +10,8 @@ authors' mamba_ssm computes it:
 jaxlin's row has one B, C per head (n_groups = num_heads: a group is a head, and so is the
 norm's group). `jaxlin.interop.mamba2` copies the mixer's weights into it (C -> q, B -> k,
 x -> v, z -> the output gate, the dt rows -> the gate; the conv's weight and bias, A_log,
-dt_bias, D, the norm's weight, W_out), and the outputs must agree on random inputs (float64 in torch, float32
-here, measured ~1e-6 of the output's scale). Slow: needs torch and transformers (CI step 2).
+dt_bias, D, the norm's weight, W_out), and the outputs must agree on random inputs (float64
+in torch, float32 here, measured ~1e-6 of the output's scale). Slow: needs torch and transformers (CI step 2).
 """
 from __future__ import annotations
 

@@ -85,12 +85,18 @@ def inverse_softplus(y: jax.Array) -> jax.Array:
   return y + jnp.log(-jnp.expm1(-y))
 
 
+A_FLOOR = 1e-4                    # Mamba2Decay's smallest A at init (log(0) is -inf)
+MAMBA2_DECAY_OPTIONS = ("a_init_range", "dt_min", "dt_max", "dt_floor")  # its gate_options
+
+
 class Mamba2Decay(nnx.Module):
   """Mamba2's scalar decay per head: g = -exp(A_log) * dt, dt = softplus(W x + dt_bias).
 
-  A = exp(A_log) starts uniform in `a_init_range`; dt_bias is the inverse
-  softplus of dt ~ log-uniform in [dt_min, dt_max] (floored at dt_floor), as in
-  Mamba2. The output also carries dt (Mamba2 scales its input by dt).
+  A = exp(A_log) starts uniform in `a_init_range` (Mamba2: (1, 16); Gated DeltaNet and
+  Comba, as fla initialises them: (0, 16), A floored at A_FLOOR so that A_log is finite);
+  dt_bias is the inverse softplus of dt ~ log-uniform in [dt_min, dt_max] (floored at
+  dt_floor), as in Mamba2. The output also carries dt (Mamba2 scales its input by dt).
+  A smaller dt_max starts every head with a longer memory (-A dt per token is the log decay).
   """
 
   def __init__(self, in_features: int, num_heads: int, *,
@@ -98,13 +104,14 @@ class Mamba2Decay(nnx.Module):
                dt_max: float = 0.1, dt_floor: float = 1e-4, rngs: nnx.Rngs,
                dtype: jnp.dtype = f32, param_dtype: jnp.dtype = f32) -> None:
     lo, hi = a_init_range
-    validation.require(0 < lo <= hi, "a_init_range", a_init_range, "(lo, hi) with 0 < lo <= hi")
+    validation.require(0 <= lo < hi, "a_init_range", a_init_range,
+                       "(lo, hi) with 0 <= lo < hi")
     validation.require(0 < dt_min <= dt_max, "dt_min, dt_max", (dt_min, dt_max),
                        "0 < dt_min <= dt_max")
     self.num_heads = num_heads
     self.proj = _linear(in_features, num_heads, use_bias=False, rngs=rngs, dtype=dtype,
                         param_dtype=param_dtype)
-    a = jax.random.uniform(rngs.params(), (num_heads,), f32, lo, hi)
+    a = jnp.maximum(jax.random.uniform(rngs.params(), (num_heads,), f32, lo, hi), A_FLOOR)
     self.A_log = nnx.Param(jnp.log(a).astype(param_dtype))
     u = jax.random.uniform(rngs.params(), (num_heads,), f32)
     dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
@@ -319,7 +326,9 @@ GATES: dict[str, GateSpec] = {
         c.d_model, c.num_heads, c.key_dim, low_rank=c.options.get("gate_low_rank", 16),
         normalizer=c.options.get("gate_normalizer", 16.0), rngs=c.rngs, **c.dtypes),
         per_key=True),
-    "mamba2": GateSpec(lambda c: Mamba2Decay(c.d_model, c.num_heads, rngs=c.rngs, **c.dtypes)),
+    "mamba2": GateSpec(lambda c: Mamba2Decay(
+        c.d_model, c.num_heads, rngs=c.rngs, **c.dtypes,
+        **{k: c.options[k] for k in MAMBA2_DECAY_OPTIONS if k in c.options})),
     "hgrn2": GateSpec(lambda c: HGRN2Gate(
         c.d_model, c.num_heads, c.key_dim, lower_bound=c.options.get("forget_lower_bound"),
         rngs=c.rngs, **c.dtypes), per_key=True, gives_keys=True, convolved=True),

@@ -82,6 +82,8 @@ class Variant:
   query_correction: bool = False    # Comba: q' = q - d_h k
   gate_before_norm: bool = False    # Mamba2: RMSNorm(o_h * silu(z_h)) per head
   conv_bias: bool = False           # Mamba2: its short conv has a bias (U(-1/2, 1/2) at init)
+  gate_options: tuple[tuple[str, Any], ...] = ()  # the row's own gate options (the layer's
+                                    # gate_options override them)
 
   def check(self, name: str) -> None:
     """Raises ValueError unless the row's family and gate exist and fit each other."""
@@ -101,6 +103,9 @@ class Variant:
     return FAMILIES[self.family]
 
 
+# fla's Gated DeltaNet and Comba draw A ~ U(0, 16) (Mamba2: U(1, 16)); dt as Mamba2's
+FLA_DECAY_INIT = (("a_init_range", (0.0, 16.0)),)
+
 VARIANTS: dict[str, Variant] = {
     "bla": Variant("gated", "none", "elu", False, False, True),
     "lightning": Variant("gated", "lightning", "swish", False, True, True),
@@ -117,9 +122,10 @@ VARIANTS: dict[str, Variant] = {
     "rebased": Variant("gated", "none", "rebased", False, False, False, normalised=True,
                        scale=1.0, default_key_dim=16),
     "deltanet": Variant("delta", "none", "identity", True, False, True, qk_l2norm=True),
-    "gated_deltanet": Variant("delta", "mamba2", "identity", True, True, True, qk_l2norm=True),
+    "gated_deltanet": Variant("delta", "mamba2", "identity", True, True, True, qk_l2norm=True,
+                              gate_options=FLA_DECAY_INIT),
     "comba": Variant("delta", "mamba2", "identity", True, True, True, qk_l2norm=True,
-                     removal=True, query_correction=True),
+                     removal=True, query_correction=True, gate_options=FLA_DECAY_INIT),
 }
 
 
@@ -267,7 +273,9 @@ class LinearAttention(nnx.Module):
     gate_low_rank, gate_normalizer: GLA's gate rank and divisor (16, 16).
     forget_lower_bound: HGRN2's lower bound of the forget gate (None: 0).
     rwkv_mix_rank, rwkv_decay_rank: RWKV6's token-shift and decay LoRA ranks.
-    gate_options: further options for a registered gate's builder (`gates.GateContext`).
+    gate_options: further options for the gate's builder (`gates.GateContext`), over the
+      row's own (`Variant.gate_options`); the "mamba2" gate (Mamba2, Gated DeltaNet, Comba)
+      takes a_init_range, dt_min, dt_max, dt_floor (`gates.Mamba2Decay`).
     correction: Comba's initial query correction d_h (1.0; 0.02 suits small models).
     norm_eps: epsilon of the RMSNorms; normalise_eps: of the Based/Rebased division.
     chunk_size, impl: passed to the op (chunk a multiple of 16 in [16, 256]).
@@ -355,9 +363,9 @@ class LinearAttention(nnx.Module):
     self.k_map = (feature_maps.FeatureMap(feature_map, key_dim, rngs=rngs,
                                           param_dtype=param_dtype)
                   if self.k_proj is not None else None)
-    options = dict(gate_low_rank=gate_low_rank, gate_normalizer=gate_normalizer,
-                   forget_lower_bound=forget_lower_bound, rwkv_decay_rank=rwkv_decay_rank,
-                   **(gate_options or {}))
+    options = {"gate_low_rank": gate_low_rank, "gate_normalizer": gate_normalizer,
+               "forget_lower_bound": forget_lower_bound, "rwkv_decay_rank": rwkv_decay_rank,
+               **dict(row.gate_options), **(gate_options or {})}
     self.gate = gate_spec.build(gates.GateContext(
         d_model, heads, key_dim, layer_index, num_layers, options, **kw))
     self.gate_conv = (ShortConv(self.gate.logit_features, kernel_size=conv_size,

@@ -224,7 +224,8 @@ class MixtureOfMemories(nnx.Module):
     self.k_proj = None if spec.gives_keys else per_slot(d_model, hk)
     self.v_proj = per_slot(d_model, hv)
     context = gates.GateContext(d_model, num_heads, self.key_dim, layer_index, num_layers,
-                                dict(gate_low_rank=gate_low_rank, **(gate_options or {})), **kw)
+                                {"gate_low_rank": gate_low_rank, **dict(row.gate_options),
+                                 **(gate_options or {})}, **kw)
     self.gates = nnx.List([spec.build(context) for _ in range(slots)])
     self.beta_proj = per_slot(d_model, num_heads) if row.recurrence.write_strength else None
     self.removal_logit = nnx.Param(jnp.ones((num_heads,), param_dtype)) if row.removal else None

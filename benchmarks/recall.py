@@ -3,6 +3,7 @@
     python benchmarks/recall.py                      # every mixer, ~45 min on 2 CPU cores
     python benchmarks/recall.py --mixers gla gated_deltanet mom-gated_deltanet --steps 300
     python benchmarks/recall.py --short-conv -1      # each layer's own conv default
+    python benchmarks/recall.py --mixers gated_deltanet --decay-dt-max 0.02  # longer initial memory
 
 The harness, the task and the setup are `jaxlin.evals.recall` (its docstring says what is
 measured); every `Setup` field is a flag here (--seq-len 128). Writes PREFIX.json (every

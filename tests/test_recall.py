@@ -14,8 +14,8 @@ seed-dependent step: one Gated DeltaNet seed was at 0.32 after 500 steps, the ot
 The benchmark's own harness (`jaxlin.evals.recall.run_mixer`), both seeds in one vmapped run.
 
 Mamba2 gets STEPS_FOR["mamba2"] = 1500 steps: it leaves the plateau later than the others,
-at a seed-dependent step (after 500 steps it is still on it; after 1500 the two seeds here are
-at 0.99 and 0.73). Its layer equals transformers' Mamba2Mixer (`tests/test_peer_mamba2.py`);
+at a seed-dependent step (in the benchmark's 600 steps both seeds stay near chance, 0.06 and
+0.11; after 1500 the two seeds here are at 0.99 and 0.73). Its layer equals transformers' Mamba2Mixer (`tests/test_peer_mamba2.py`);
 the same model in PyTorch leaves the plateau sooner, mostly because of PyTorch's larger dense
 init (ModelConfig.dense_init "fan_in"; docs/benchmarks.md: Recall, Mamba2).
 """

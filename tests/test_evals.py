@@ -67,3 +67,16 @@ def test_recall_decay_dt_max_reaches_the_gates(mixer: str) -> None:
   default = dts(0.0)
   assert default.min() >= 1e-3 * (1 - 1e-4) and default.max() <= 0.1 * (1 + 1e-4)
   assert default.max() > 2e-3     # drawn over the range, not at its lower end
+
+
+@pytest.mark.parametrize("mixer, output_gate", [("gated_deltanet", 0), ("mom-gated_deltanet", 0),
+                                                ("deltanet", 1)])
+def test_recall_output_gate_reaches_the_layers(mixer: str, output_gate: int) -> None:
+  """Setup.output_gate 0 / 1 removes / adds the swish output gate of every linear and MoM
+  layer; -1 keeps each row's own (Gated DeltaNet has one, DeltaNet none)."""
+  def gate_projection(flag: int) -> object:
+    config = recall.model_config(recall.Setup(output_gate=flag), mixer)
+    block = LanguageModel(config, rngs=nnx.Rngs(0)).blocks[0].mixer
+    return getattr(block, "out_gate_proj", getattr(block, "g_proj", None))
+  assert (gate_projection(output_gate) is not None) == bool(output_gate)
+  assert (gate_projection(-1) is not None) == (mixer != "deltanet")

@@ -387,14 +387,16 @@ def _copy_core_into_mom(layer: LinearAttention, mom: MixtureOfMemories) -> None:
   mom.o_proj[...] = layer.o_proj.kernel[...]
 
 
-def _check_one_memory_equals_core(variant: str, short_conv: bool | None = None) -> None:
+def _check_one_memory_equals_core(variant: str, short_conv: bool | None = None,
+                                  output_gate: bool | None = None) -> None:
   short_conv = VARIANTS[variant].short_conv if short_conv is None else short_conv
   layer = LinearAttention(D, H, variant=variant, use_short_conv=short_conv, chunk_size=16,
-                          impl="xla", rngs=nnx.Rngs(0))
+                          use_output_gate=output_gate, impl="xla", rngs=nnx.Rngs(0))
   _perturb(layer, seed=1)
   mom = MixtureOfMemories(D, H, core=variant, num_memories=1, top_k=1, shared_memory=False,
-                          use_short_conv=short_conv, norm_eps=1e-5, chunk_size=16,
-                          impl="xla", rngs=nnx.Rngs(2))
+                          use_short_conv=short_conv, use_output_gate=output_gate,
+                          norm_eps=1e-5, chunk_size=16, impl="xla", rngs=nnx.Rngs(2))
+  assert (mom.out_gate_proj is None) == (layer.g_proj is None)
   _copy_core_into_mom(layer, mom)
   x = jnp.asarray(_x(9))
   seg = jnp.asarray(np.stack([np.ones(T), np.where(np.arange(T) < 6, 1, 2)]), jnp.int32)
@@ -432,6 +434,13 @@ def test_one_memory_top1_no_shared_equals_its_core_layer(variant: str) -> None:
   """MoM with one memory, top-1 and no shared memory IS its core layer: the same output
   and gradients (input and every weight) given the same weights."""
   _check_one_memory_equals_core(variant)
+
+
+@pytest.mark.parametrize("variant, output_gate", [("gated_deltanet", False), ("deltanet", True)])
+def test_one_memory_equals_its_core_with_the_output_gate_overridden(variant: str,
+                                                                    output_gate: bool) -> None:
+  """use_output_gate overrides the row's output gate in MoM as it does in LinearAttention."""
+  _check_one_memory_equals_core(variant, output_gate=output_gate)
 
 
 @pytest.mark.slow

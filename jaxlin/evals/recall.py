@@ -89,6 +89,8 @@ class Setup:
   short_conv: int = 1                   # -1: each mixer's own; 1 / 0: force the short conv
                                         # on / off in every linear or MoM layer
   dense_init: str = "normal"            # ModelConfig.dense_init of the head and MLPs
+  output_gate: int = -1                 # -1: each mixer's own; 1 / 0: force the swish output
+                                        # gate on / off in every linear or MoM layer
   decay_dt_max: float = 0.0             # > 0: dt_max of the "mamba2" decay gate (Mamba2, Gated
                                         # DeltaNet, Comba, their MoM; dt_min = min(1e-3, it));
                                         # 0: the papers' 0.1. Smaller: a longer initial memory
@@ -115,9 +117,11 @@ def model_config(setup: Setup, mixer: str) -> ModelConfig:
   fields = {**base_model(setup), **MIXERS[mixer]}
   if setup.short_conv >= 0:
     fields["use_short_conv"] = bool(setup.short_conv)
+  options = "mom_options" if fields.get("mixer") == "mom" else "linear_options"
+  if setup.output_gate >= 0:
+    fields[options] = {**fields.get(options, {}), "use_output_gate": bool(setup.output_gate)}
   if setup.decay_dt_max > 0:   # the gates that have no dt ignore these options
     dt = {"dt_max": setup.decay_dt_max, "dt_min": min(1e-3, setup.decay_dt_max)}
-    options = "mom_options" if fields.get("mixer") == "mom" else "linear_options"
     fields[options] = {**fields.get(options, {}), "gate_options": dt}
   return ModelConfig(**fields)
 

@@ -176,6 +176,7 @@ class MixtureOfMemories(nnx.Module):
       aux_loss_coef: float = 0.01,
       head_dim: int | None = None,
       use_short_conv: bool = True,
+      use_output_gate: bool | None = None,
       conv_size: int = 4,
       gate_low_rank: int = 16,
       gate_options: dict[str, Any] | None = None,
@@ -247,10 +248,11 @@ class MixtureOfMemories(nnx.Module):
     self.gate_conv = (ShortConv(self.gates[0].logit_features, kernel_size=conv_size,
                                 activation=None, rngs=rngs, param_dtype=param_dtype)
                       if spec.convolved and self.use_short_conv else None)
-    self.out_gate_proj = param(d_model, hv) if row.output_gate else None
-    self.o_norm = (OutputNorm(row, gated=row.output_gate, num_heads=num_heads,
+    gated = row.output_gate if use_output_gate is None else bool(use_output_gate)
+    self.out_gate_proj = param(d_model, hv) if gated else None
+    self.o_norm = (OutputNorm(row, gated=gated, num_heads=num_heads,
                               value_dim=self.head_dim, eps=norm_eps, param_dtype=param_dtype)
-                   if row.output_gate or row.norm else None)
+                   if gated or row.norm else None)
     self.o_proj = param(hv, d_model)
 
   # ------------------------------------------------------------------ pieces
